@@ -1,0 +1,67 @@
+"""The random-weight checkpoint generator writes the published layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from wyoming_qwen3tts.dev.tiny_checkpoint import GENERATION_CONFIG, model_config, write_text_tokenizer
+
+PUBLISHED_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "speech_tokenizer/config.json",
+    "speech_tokenizer/model.safetensors",
+    "speech_tokenizer/preprocessor_config.json",
+]
+
+
+def test_command_line_writes_a_base_checkpoint_in_the_published_layout(tmp_path):
+    out = tmp_path / "base"
+    result = subprocess.run(
+        [sys.executable, "-m", "wyoming_qwen3tts.dev.tiny_checkpoint", str(out), "--kind", "base"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in PUBLISHED_FILES:
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["tts_model_type"] == "base"
+    assert config["speaker_encoder_config"]["enc_dim"] == config["talker_config"]["hidden_size"]
+    assert "model_type" not in config["speaker_encoder_config"]
+    assert json.loads((out / "generation_config.json").read_text()) == GENERATION_CONFIG
+
+
+def test_checkpoints_open_with_the_official_loader(custom_voice_model, base_model):
+    assert custom_voice_model.model.tts_model_type == "custom_voice"
+    assert base_model.model.tts_model_type == "base"
+    assert len(custom_voice_model.get_supported_speakers()) == 9
+    assert base_model.model.speaker_encoder is not None
+
+
+def test_tiny_checkpoint_is_audible(custom_voice_model):
+    wavs, sample_rate = custom_voice_model.generate_custom_voice(
+        "Hello there.", speaker="serena", language="english", max_new_tokens=12
+    )
+    rms = float(np.sqrt(np.mean(wavs[0] ** 2)))
+    assert sample_rate == 24000
+    assert 0.02 < rms < 0.6, rms
+
+
+def test_real_size_config_has_the_published_dimensions(tmp_path):
+    ids = write_text_tokenizer(tmp_path)
+    config = model_config("custom_voice", "real-0.6b", ids)
+    talker = config["talker_config"]
+    assert (talker["hidden_size"], talker["num_hidden_layers"], talker["text_vocab_size"]) == (1024, 28, 151936)
+    assert talker["code_predictor_config"]["num_hidden_layers"] == 5
+    assert talker["spk_id"]["ryan"] == 3061 and talker["spk_is_dialect"]["dylan"] == "beijing_dialect"

@@ -1,0 +1,204 @@
+"""The speech engine: owns the loaded models and streams speech for asyncio callers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterable
+
+import numpy as np
+import torch
+
+from .decode import ChunkSchedule
+from .generate import StopRules
+from .loader import LoadOptions, load_model, parameter_bytes, resolve_checkpoint, resolve_placement
+from .prompt import ClonePrompt, PresetSpeaker, VoiceSpec, build_prompt, resolve_language
+from .sampling import SamplingOptions
+from .utterance import AudioChunk, ModelRuntime, Utterance
+from .worker import EngineWorker, SynthesisJob
+
+_LOGGER = logging.getLogger(__name__)
+
+CUSTOM_VOICE = "custom_voice"
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What to load and how to stream."""
+
+    model: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
+    clone_model: str | None = None  # a Base checkpoint; loaded only when cloning is wanted
+    models_dir: Path = Path("models")
+    load: LoadOptions = field(default_factory=LoadOptions)
+    stop: StopRules = field(default_factory=StopRules)
+    chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Per-request choices; None means the checkpoint's or the package's default."""
+
+    language: str = "auto"
+    sampling: SamplingOptions | None = None
+    seed: int | None = None
+    non_streaming_mode: bool | None = None  # None: the package's default for the voice type
+    instruct: str | None = None
+
+
+def codecs_identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two speech tokenizers hold exactly the same weights."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    if state_a.keys() != state_b.keys():
+        return False
+    return all(
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k].to(state_b[k].device), state_b[k])
+        for k in state_a
+    )
+
+
+class SpeechEngine:
+    """Owns the CustomVoice model (and optionally a Base model for clones) and one worker."""
+
+    def __init__(self, runtimes: dict[str, ModelRuntime], options: EngineOptions) -> None:
+        if not runtimes:
+            raise ValueError("an engine needs at least one model")
+        self.runtimes = runtimes
+        self.options = options
+        self.worker = EngineWorker()
+
+    @classmethod
+    def load(cls, options: EngineOptions) -> "SpeechEngine":
+        """Load the configured checkpoints (blocking: minutes for a first download)."""
+        placement = resolve_placement(options.load)
+        runtimes: dict[str, ModelRuntime] = {}
+        for role, name in ((CUSTOM_VOICE, options.model), (BASE, options.clone_model)):
+            if not name:
+                continue
+            folder = resolve_checkpoint(name, options.models_dir)
+            wrapper = load_model(folder, placement)
+            kind = wrapper.model.tts_model_type
+            if kind != role:
+                raise ValueError(f"{name} is a {kind} checkpoint, but the {role} model is expected here")
+            decoder = None
+            if role == BASE and CUSTOM_VOICE in runtimes:
+                shared = runtimes[CUSTOM_VOICE]
+                if codecs_identical(shared.wrapper.model.speech_tokenizer.model, wrapper.model.speech_tokenizer.model):
+                    wrapper.model.load_speech_tokenizer(shared.wrapper.model.speech_tokenizer)
+                    decoder = shared.decoder
+                    _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
+            runtimes[role] = ModelRuntime.create(wrapper, decoder)
+            _LOGGER.info(
+                "Loaded %s (%s) on %s as %s: %.0f MiB of weights",
+                name,
+                kind,
+                placement.device,
+                str(placement.dtype).removeprefix("torch."),
+                parameter_bytes(wrapper.model) / 2**20,
+            )
+        return cls(runtimes, options)
+
+    def close(self) -> None:
+        self.worker.stop()
+
+    # What the models offer.
+
+    @property
+    def speakers(self) -> list[str]:
+        """Preset speakers of the CustomVoice checkpoint, in its table's order."""
+        runtime = self.runtimes.get(CUSTOM_VOICE)
+        if runtime is None:
+            return []
+        return list(runtime.wrapper.model.config.talker_config.spk_id)
+
+    def speaker_dialect(self, speaker: str) -> str | None:
+        runtime = self.runtimes.get(CUSTOM_VOICE)
+        if runtime is None:
+            return None
+        dialect = runtime.wrapper.model.config.talker_config.spk_is_dialect.get(speaker.lower(), False)
+        return dialect or None
+
+    @property
+    def languages(self) -> list[str]:
+        """Languages a request may name ("auto" first)."""
+        runtime = next(iter(self.runtimes.values()))
+        return list(runtime.wrapper.model.get_supported_languages())
+
+    @property
+    def can_clone(self) -> bool:
+        return BASE in self.runtimes
+
+    def _runtime_for(self, voice: VoiceSpec) -> ModelRuntime:
+        role = CUSTOM_VOICE if isinstance(voice, PresetSpeaker) else BASE
+        runtime = self.runtimes.get(role)
+        if runtime is None:
+            raise ValueError(
+                "Preset speakers need a CustomVoice model" if role == CUSTOM_VOICE else "Voice clones need a Base model (clone_model)"
+            )
+        return runtime
+
+    # Synthesis.
+
+    def start(
+        self,
+        voice: VoiceSpec,
+        request: RequestOptions = RequestOptions(),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> SynthesisJob:
+        """A job that speaks the text segments added to it, in ``voice``. Call from the loop."""
+        runtime = self._runtime_for(voice)
+        language = resolve_language(runtime.wrapper, request.language)
+        if isinstance(voice, PresetSpeaker) and voice.name.lower() not in self.speakers:
+            raise ValueError(f"Unknown speaker {voice.name!r}; this model has: {', '.join(self.speakers)}")
+        sampling = request.sampling or runtime.sampling
+        if request.seed is not None:
+            sampling = sampling.with_seed(request.seed)
+        non_streaming = request.non_streaming_mode
+        if non_streaming is None:
+            # The package's defaults: full text up front for presets, dual track for clones.
+            non_streaming = isinstance(voice, PresetSpeaker)
+        options = self.options
+
+        def make_utterance(text: str, segment: int) -> Utterance:
+            prompt = build_prompt(runtime.wrapper, text, voice, language, non_streaming, request.instruct)
+            return Utterance(runtime, prompt, sampling, options.stop, options.chunks, segment=segment)
+
+        return self.worker.new_job(make_utterance, loop or asyncio.get_running_loop())
+
+    async def synthesize(
+        self, segments: Iterable[str], voice: VoiceSpec, request: RequestOptions = RequestOptions()
+    ) -> AsyncIterator[AudioChunk]:
+        """Speak ``segments`` in order, yielding audio as it is made; stops work if abandoned."""
+        job = self.start(voice, request)
+        try:
+            for text in segments:
+                if text.strip():
+                    job.add_text(text)
+            job.finish()
+            async for chunk in job:
+                yield chunk
+        finally:
+            job.cancel()
+
+    async def create_clone_prompt(
+        self, audio: np.ndarray, sample_rate: int, transcript: str | None
+    ) -> ClonePrompt:
+        """A clone prompt from a reference sample (runs on the model thread)."""
+        runtime = self._runtime_for(ClonePrompt(speaker_embedding=torch.zeros(1)))
+
+        def compute() -> ClonePrompt:
+            items = runtime.wrapper.create_voice_clone_prompt(
+                ref_audio=(audio.astype(np.float32), int(sample_rate)),
+                ref_text=transcript,
+                x_vector_only_mode=not transcript,
+            )
+            item = items[0]
+            return ClonePrompt(
+                speaker_embedding=item.ref_spk_embedding.detach().cpu(),
+                ref_codes=None if item.ref_code is None else item.ref_code.detach().cpu(),
+                ref_text=item.ref_text if transcript else None,
+            )
+
+        return await asyncio.wrap_future(self.worker.submit(compute))

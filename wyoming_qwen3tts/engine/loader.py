@@ -1,0 +1,184 @@
+"""Loading Qwen3-TTS checkpoints through the official package.
+
+A model is named by a local folder or a Hugging Face hub id. A hub id is downloaded once, with
+progress bars, into the data folder and loaded from there on every later start, without
+touching the network. Device, dtype and attention implementation are chosen here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .qwen_import import import_qwen_tts
+
+if TYPE_CHECKING:
+    from qwen_tts import Qwen3TTSModel
+
+_LOGGER = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+# Files every 12 Hz checkpoint folder has; a folder missing one is incomplete.
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "speech_tokenizer/config.json",
+    "speech_tokenizer/model.safetensors",
+)
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model is neither on disk nor downloadable; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to place a model on the machine."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+
+    def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The concrete choices for one machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+
+def resolve_placement(options: LoadOptions) -> Placement:
+    """Turn `auto` choices into concrete ones, logging the attention choice and why."""
+    if options.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(options.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'")
+
+    if options.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, options.dtype)
+
+    attention = options.attention
+    if attention == "auto":
+        attention, reason = _auto_attention(device, dtype)
+        _LOGGER.info("Attention: %s (%s)", attention, reason)
+    else:
+        _LOGGER.info("Attention: %s (configured)", attention)
+    return Placement(device=device, dtype=dtype, attention=attention)
+
+
+def _auto_attention(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    if device.type != "cuda":
+        return "sdpa", "FlashAttention 2 needs an NVIDIA GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa", "flash-attn is not installed; `pip install flash-attn` may speed up long prompts"
+    major, _minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return "sdpa", "FlashAttention 2 needs an Ampere or newer GPU"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa", "FlashAttention 2 needs bfloat16 or float16"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a wheel built for another torch fails oddly
+        return "sdpa", f"flash-attn is installed but does not import ({err})"
+    return "flash_attention_2", "flash-attn is installed and the GPU supports it"
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def resolve_checkpoint(model: str, models_dir: Path, offline: bool | None = None) -> Path:
+    """The local folder of ``model``: the folder itself, or a hub id's copy under ``models_dir``.
+
+    A hub id not yet on disk is downloaded (huggingface_hub shows progress bars). Without
+    network, or with HF_HUB_OFFLINE=1, a missing model raises ModelUnavailableError.
+    """
+    as_path = Path(model).expanduser()
+    if as_path.is_dir():
+        if not _is_complete(as_path):
+            missing = [name for name in REQUIRED_FILES if not (as_path / name).is_file()]
+            raise ModelUnavailableError(
+                f"Model folder {as_path} is incomplete (missing {', '.join(missing)}). "
+                "It must hold a whole Qwen3-TTS 12 Hz checkpoint, speech_tokenizer/ included."
+            )
+        return as_path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelUnavailableError(
+            f"Model {model!r} is neither an existing folder nor a Hugging Face id like "
+            "'Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice'."
+        )
+
+    import huggingface_hub
+    from huggingface_hub import snapshot_download
+
+    if offline is None:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    cache_dir = Path(models_dir)
+    try:
+        folder = Path(snapshot_download(model, cache_dir=cache_dir, local_files_only=True))
+        if _is_complete(folder):
+            return folder
+    except Exception:  # noqa: BLE001 - not cached yet (or cached partially)
+        pass
+
+    how_to = (
+        f"Download it on a machine with internet access (`hf download {model} --local-dir "
+        f"/some/folder`), copy the folder here and set the model option to that folder."
+    )
+    if offline:
+        raise ModelUnavailableError(f"Model {model} is not in {cache_dir} and HF_HUB_OFFLINE is set. {how_to}")
+    _LOGGER.info("Downloading %s into %s (once; later starts load it from there)", model, cache_dir)
+    try:
+        folder = Path(snapshot_download(model, cache_dir=cache_dir))
+    except Exception as err:  # noqa: BLE001 - network, auth, disk: the user needs the same advice
+        raise ModelUnavailableError(
+            f"Model {model} is not in {cache_dir} and could not be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}). {how_to}"
+        ) from err
+    if not _is_complete(folder):
+        raise ModelUnavailableError(f"Download of {model} into {folder} is incomplete. {how_to}")
+    return folder
+
+
+def load_model(folder: Path, placement: Placement) -> "Qwen3TTSModel":
+    """Load a checkpoint folder with the official `Qwen3TTSModel.from_pretrained`."""
+    qwen_tts = import_qwen_tts()
+    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
+        str(folder),
+        dtype=placement.dtype,
+        attn_implementation=placement.attention,
+        device_map=str(placement.device),
+    )
+    wrapper.model.eval()
+    codec = wrapper.model.speech_tokenizer.model
+    if placement.device.type == "cpu" and placement.dtype != torch.float32:
+        # CPUs have no fast reduced-precision convolutions: keep the codec in float32.
+        codec.to(torch.float32)
+    codec.eval()
+    return wrapper
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -1,0 +1,93 @@
+"""Choosing the next code from logits, as the stock `generate` call chooses it.
+
+The official package samples through Hugging Face `generate`; these functions apply the same
+processors in the same order (repetition penalty, minimum length, suppressed ids, temperature,
+top-k, top-p), so that greedy decoding picks the very same codes and seeded sampling draws the
+same random numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How the talker (codebook 0) and the code predictor (codebooks 1-15) pick codes.
+
+    Defaults are the official ones (the checkpoints' generation_config.json).
+    """
+
+    do_sample: bool = True
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 0.9
+    repetition_penalty: float = 1.05
+    subtalker_do_sample: bool = True
+    subtalker_top_k: int = 50
+    subtalker_top_p: float = 1.0
+    subtalker_temperature: float = 0.9
+    seed: int | None = None
+
+    @classmethod
+    def from_generation_config(cls, config: dict[str, Any] | None) -> "SamplingOptions":
+        """Defaults from a checkpoint's generation_config.json, where it sets them."""
+        config = config or {}
+        names = {
+            "do_sample": "do_sample",
+            "top_k": "top_k",
+            "top_p": "top_p",
+            "temperature": "temperature",
+            "repetition_penalty": "repetition_penalty",
+            "subtalker_dosample": "subtalker_do_sample",
+            "subtalker_top_k": "subtalker_top_k",
+            "subtalker_top_p": "subtalker_top_p",
+            "subtalker_temperature": "subtalker_temperature",
+        }
+        return cls(**{ours: config[theirs] for theirs, ours in names.items() if theirs in config})
+
+    def greedy(self) -> "SamplingOptions":
+        """The same options with sampling switched off for both stages."""
+        return replace(self, do_sample=False, subtalker_do_sample=False)
+
+    def with_seed(self, seed: int | None) -> "SamplingOptions":
+        return replace(self, seed=seed)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty over the ids marked in ``seen`` (a bool mask)."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def choose(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick one id per row of ``logits`` (float32, already penalised and masked)."""
+    if not do_sample:
+        return torch.argmax(logits, dim=-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k)[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, -float("inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

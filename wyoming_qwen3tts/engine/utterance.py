@@ -1,0 +1,158 @@
+"""One utterance (one text segment in one voice): frames in, PCM chunks out, a frame at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .decode import ChunkSchedule, StreamingCodecDecoder
+from .generate import FrameGenerator, StopRules
+from .prompt import TalkerPrompt
+from .sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from qwen_tts import Qwen3TTSModel
+
+SAMPLE_RATE = 24000
+SAMPLE_WIDTH = 2  # bytes: 16-bit PCM
+CHANNELS = 1
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A piece of an utterance's audio: float32 at 24 kHz, mono."""
+
+    audio: np.ndarray
+    codes: np.ndarray  # [frames, 16] codec frames this audio was decoded from
+    first_frame: int  # index of this chunk's first frame within its utterance
+    segment: int = 0  # which text segment of the request
+
+    @property
+    def frames(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    @property
+    def pcm(self) -> bytes:
+        """16-bit little-endian PCM."""
+        return (np.clip(self.audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded checkpoint and the machinery that streams from it."""
+
+    wrapper: "Qwen3TTSModel"
+    frames: FrameGenerator
+    decoder: StreamingCodecDecoder
+    sampling: SamplingOptions  # the checkpoint's own defaults
+
+    @classmethod
+    def create(cls, wrapper: "Qwen3TTSModel", decoder: StreamingCodecDecoder | None = None) -> "ModelRuntime":
+        return cls(
+            wrapper=wrapper,
+            frames=FrameGenerator(wrapper.model),
+            decoder=decoder or StreamingCodecDecoder(wrapper.model.speech_tokenizer.model.decoder),
+            sampling=SamplingOptions.from_generation_config(wrapper.generate_defaults),
+        )
+
+
+def fade_out(audio: np.ndarray, samples: int) -> np.ndarray:
+    """Raised-cosine fade to silence over the last ``samples`` samples."""
+    samples = min(samples, len(audio))
+    if samples <= 0:
+        return audio
+    ramp = 0.5 * (1.0 + np.cos(np.linspace(0.0, np.pi, samples, dtype=np.float64)))
+    faded = audio.copy()
+    faded[-samples:] = (faded[-samples:] * ramp).astype(audio.dtype)
+    return faded
+
+
+class Utterance:
+    """Generates and decodes one prompt; `advance` does at most one frame of work."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        prompt: TalkerPrompt,
+        sampling: SamplingOptions,
+        stop: StopRules,
+        schedule: ChunkSchedule,
+        fade_samples: int = 1920,
+        segment: int = 0,
+    ) -> None:
+        self.runtime = runtime
+        self.prompt = prompt
+        self.sampling = sampling
+        self.max_frames = stop.frame_cap(prompt.text_tokens)
+        self.schedule = schedule
+        self.fade_samples = fade_samples
+        self.segment = segment
+        self._state = None
+        self._decoder_state = None
+        self._pending: list[torch.Tensor] = []
+        self._chunks = 0
+        self._emitted_frames = 0
+
+    @property
+    def frames(self) -> int:
+        """Frames generated so far."""
+        return 0 if self._state is None else self._state.frames
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self._state is None else self._state.finish_reason
+
+    @property
+    def finished(self) -> bool:
+        return self._state is not None and self._state.finished and not self._pending
+
+    def cancel(self) -> None:
+        if self._state is not None:
+            self.runtime.frames.cancel(self._state)
+        self._pending.clear()
+
+    def advance(self) -> AudioChunk | None:
+        """Prefill, or generate one frame; return a chunk when one is complete."""
+        if self._state is None:
+            self._start()
+            return None
+        if self._state.finished:
+            return self._flush() if self._pending else None
+        frame = self.runtime.frames.step(self._state)
+        if frame is not None:
+            self._pending.append(frame)
+        if self._state.finished or len(self._pending) >= self.schedule.frames_in_chunk(self._chunks):
+            return self._flush() if self._pending else None
+        return None
+
+    def _start(self) -> None:
+        runtime = self.runtime
+        self._decoder_state = runtime.decoder.new_state()
+        if self.prompt.ref_codes is not None:
+            # A cloned voice's audio continues its reference: decode that first, as context.
+            runtime.decoder.decode(self._decoder_state, self.prompt.ref_codes)
+        self._state = runtime.frames.start(self.prompt, self.sampling, self.max_frames)
+
+    def _flush(self) -> AudioChunk:
+        codes = torch.stack(self._pending)
+        self._pending = []
+        audio = self.runtime.decoder.decode(self._decoder_state, codes).cpu().numpy()
+        if self._state.finish_reason == "cap":
+            # Runaway guard: end with a fade rather than a cut in the middle of a sound.
+            audio = fade_out(audio, self.fade_samples)
+        chunk = AudioChunk(
+            audio=audio,
+            codes=codes.cpu().numpy(),
+            first_frame=self._emitted_frames,
+            segment=self.segment,
+        )
+        self._chunks += 1
+        self._emitted_frames += chunk.frames
+        return chunk

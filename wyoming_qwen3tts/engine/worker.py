@@ -1,0 +1,269 @@
+"""The single thread that owns the models: it runs every request, a frame at a time.
+
+Requests ("jobs") are scheduled earliest-deadline-first, where a job's deadline is the moment
+its listener runs out of audio: its arrival time plus the seconds of audio it has received. A
+new request therefore gets the next frame, a request far ahead of real time waits, and a long
+request cannot starve a short one. Cancelling a job takes effect before its next frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .utterance import AudioChunk, Utterance
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class JobStats:
+    """What a finished job did, for the request log and benchmarks."""
+
+    created: float
+    first_audio: float | None = None  # monotonic time the first chunk was handed out
+    audio_seconds: float = 0.0
+    frames: int = 0
+    segments: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    finished: float | None = None
+
+    @property
+    def time_to_first_audio(self) -> float | None:
+        return None if self.first_audio is None else self.first_audio - self.created
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Audio seconds per wall second (above 1 is faster than real time)."""
+        if self.finished is None or self.audio_seconds == 0:
+            return None
+        return self.audio_seconds / max(self.finished - self.created, 1e-9)
+
+
+class JobDone:
+    """End-of-stream marker on a job's queue."""
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it finished."""
+
+
+# Builds the utterance for one text segment; runs on the worker thread (it touches the model).
+UtteranceFactory = Callable[[str, int], Utterance]
+
+
+class SynthesisJob:
+    """One request: text segments in (possibly while it runs), audio chunks out."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, worker: "EngineWorker", make_utterance: UtteranceFactory, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = next(self._ids)
+        self._worker = worker
+        self._make_utterance = make_utterance
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._segments: deque[str] = deque()
+        self._segment_count = 0
+        self._closed = False
+        self._cancelled = False
+        self._done = False
+        self.current: Utterance | None = None
+        self.stats = JobStats(created=time.monotonic())
+
+    # Called from the event loop.
+
+    def add_text(self, text: str) -> None:
+        """Queue one segment (normally a sentence) for synthesis; blank text is skipped."""
+        if not text.strip():
+            return
+        with self._worker.condition:
+            if self._closed:
+                raise RuntimeError("add_text() after finish()")
+            self._segments.append(text)
+            self._worker.condition.notify()
+
+    def finish(self) -> None:
+        """No more text will come; the job ends once the queued segments are spoken."""
+        with self._worker.condition:
+            self._closed = True
+            self._worker.condition.notify()
+
+    def cancel(self) -> None:
+        """Stop before the next frame and free the job's model state."""
+        with self._worker.condition:
+            if not self._done:
+                self._cancelled = True
+                self._worker.condition.notify()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __aiter__(self):
+        return self._chunks()
+
+    async def _chunks(self):
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, JobDone):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # Called on the worker thread, with the worker's lock held unless noted.
+
+    @property
+    def deadline(self) -> float:
+        return self.stats.created + self.stats.audio_seconds
+
+    @property
+    def runnable(self) -> bool:
+        if self._done:
+            return False
+        return self._cancelled or self.current is not None or bool(self._segments) or self._closed
+
+    def _post(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self._cancelled = True
+
+    def _end(self, item) -> None:
+        self._done = True
+        self.stats.finished = time.monotonic()
+        if self.current is not None:
+            self.current.cancel()
+            self.current = None
+        self._segments.clear()
+        self._post(item)
+
+    def _take_work(self) -> tuple[str, int] | None:
+        """The next piece of work as (kind, segment); ends the job when nothing is left."""
+        if self._cancelled:
+            self._end(JobCancelled(f"job {self.id} cancelled"))
+            return None
+        if self.current is None and not self._segments:
+            self._end(JobDone())
+            return None
+        if self.current is None:
+            text = self._segments.popleft()
+            index = self._segment_count
+            self._segment_count += 1
+            return text, index
+        return None
+
+    def _run_once(self, work: tuple[str, int] | None) -> None:
+        """One unit of model work; called without the lock."""
+        if work is not None:
+            text, index = work
+            self.current = self._make_utterance(text, index)
+        chunk = self.current.advance()
+        if chunk is not None:
+            self._deliver(chunk)
+        if self.current.finished:
+            self.stats.segments += 1
+            self.stats.finish_reasons.append(self.current.finish_reason or "empty")
+            self.current = None
+
+    def _deliver(self, chunk: AudioChunk) -> None:
+        if self.stats.first_audio is None:
+            self.stats.first_audio = time.monotonic()
+        self.stats.audio_seconds += chunk.seconds
+        self.stats.frames += chunk.frames
+        self._post(chunk)
+
+
+class EngineWorker:
+    """Owns the model thread; jobs are created through `new_job`."""
+
+    def __init__(self, name: str = "qwen3tts-engine") -> None:
+        self.condition = threading.Condition()
+        self._jobs: list[SynthesisJob] = []
+        self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def new_job(self, make_utterance: UtteranceFactory, loop: asyncio.AbstractEventLoop) -> SynthesisJob:
+        job = SynthesisJob(self, make_utterance, loop)
+        with self.condition:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            self._jobs.append(job)
+        return job
+
+    def submit(self, task: Callable[[], object]) -> Future:
+        """Run ``task`` on the model thread before the next frame; its result comes in the future."""
+        future: Future = Future()
+        with self.condition:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            self._tasks.append((task, future))
+            self.condition.notify()
+        return future
+
+    @property
+    def active_jobs(self) -> int:
+        with self.condition:
+            return sum(1 for job in self._jobs if not job.done)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self.condition:
+            self._stopping = True
+            self.condition.notify_all()
+        self._thread.join(timeout)
+
+    def _next(self) -> Callable[[], None] | None:
+        """The next unit of work, or None when stopping."""
+        with self.condition:
+            while True:
+                if self._stopping:
+                    for job in self._jobs:
+                        if not job.done:
+                            job._end(JobCancelled("the engine is shutting down"))
+                    self._jobs.clear()
+                    for _task, future in self._tasks:
+                        future.cancel()
+                    return None
+                if self._tasks:
+                    task, future = self._tasks.popleft()
+                    return lambda: self._run_task(task, future)
+                self._jobs = [job for job in self._jobs if not job.done]
+                runnable = [job for job in self._jobs if job.runnable]
+                if not runnable:
+                    self.condition.wait()
+                    continue
+                job = min(runnable, key=lambda j: (j.deadline, j.id))
+                work = job._take_work()
+                if not job.done:
+                    return lambda: self._run_job(job, work)
+
+    @staticmethod
+    def _run_task(task: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(task())
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
+            future.set_exception(err)
+
+    def _run_job(self, job: SynthesisJob, work: tuple[str, int] | None) -> None:
+        try:
+            job._run_once(work)
+        except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
+            _LOGGER.exception("Synthesis job %s failed", job.id)
+            with self.condition:
+                job._end(err)
+
+    def _run(self) -> None:
+        while (unit := self._next()) is not None:
+            unit()
