@@ -1,0 +1,1 @@
+"""The speech engine: owns the models, streams PCM."""

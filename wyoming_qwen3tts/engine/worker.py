@@ -28,6 +28,7 @@ class JobStats:
     """What a finished job did, for the request log and benchmarks."""
 
     created: float
+    characters: int = 0
     first_audio: float | None = None  # monotonic time the first chunk was handed out
     audio_seconds: float = 0.0
     frames: int = 0
@@ -88,6 +89,7 @@ class SynthesisJob:
             if self._closed:
                 raise RuntimeError("add_text() after finish()")
             self._segments.append(text)
+            self.stats.characters += len(text)
             self._worker.condition.notify()
 
     def finish(self) -> None:

@@ -1,0 +1,1 @@
+"""The Wyoming edge: events in, PCM audio out."""

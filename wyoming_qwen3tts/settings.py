@@ -1,0 +1,152 @@
+"""One typed settings object for the server, from command-line flags or environment variables.
+
+Every flag can also be given as an environment variable (for Docker): `--clone-model X` is
+`QWEN3TTS_CLONE_MODEL=X`, a switch like `--no-streaming` is `QWEN3TTS_NO_STREAMING=1`. A flag
+on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .engine.decode import ChunkSchedule
+from .engine.engine import EngineOptions, RequestOptions
+from .engine.generate import StopRules
+from .engine.loader import ATTENTIONS, DEVICES, DTYPES, LoadOptions
+from .server.events import EventLimits
+
+ENV_PREFIX = "QWEN3TTS_"
+DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
+DEFAULT_CLONE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+DEFAULT_ZEROCONF_NAME = "qwen3-tts"
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start."""
+
+    uri: str = "tcp://0.0.0.0:10200"
+    zeroconf_name: str | None = None  # None: no zeroconf announcement
+    zeroconf_host: str | None = None  # address to announce; None: this host's LAN address
+    data_dir: Path = Path("data")
+    model: str = DEFAULT_MODEL
+    clone_model: str = DEFAULT_CLONE_MODEL
+    load: LoadOptions = field(default_factory=LoadOptions)
+    default_voice: str | None = None
+    streaming: bool = True
+    max_text_chars: int = 20_000
+    first_chunk_frames: int = 1
+    stop: StopRules = field(default_factory=StopRules)
+    request: RequestOptions = field(default_factory=RequestOptions)
+    limits: EventLimits = field(default_factory=EventLimits)
+    debug: bool = False
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def engine_options(self, with_clone_model: bool) -> EngineOptions:
+        return EngineOptions(
+            model=self.model,
+            clone_model=self.clone_model if with_clone_model else None,
+            models_dir=self.models_dir,
+            load=self.load,
+            stop=self.stop,
+            chunks=ChunkSchedule(first_frames=self.first_chunk_frames, max_frames=max(12, self.first_chunk_frames)),
+        )
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        try:
+            parser = build_parser(environ)
+        except ValueError as err:  # a malformed number in the environment
+            raise SystemExit(f"Bad environment setting: {err}") from err
+        args = parser.parse_args(argv)
+        try:
+            return cls._from_namespace(args)
+        except ValueError as err:
+            parser.error(str(err))
+
+    @classmethod
+    def _from_namespace(cls, args: argparse.Namespace) -> "Settings":
+        if args.first_chunk_frames < 1 or args.max_text_length < 1:
+            raise ValueError("--first-chunk-frames and --max-text-length must be at least 1")
+        return cls(
+            uri=args.uri,
+            zeroconf_name=args.zeroconf or None,
+            zeroconf_host=args.zeroconf_host or None,
+            data_dir=Path(args.data_dir),
+            model=args.model,
+            clone_model=args.clone_model,
+            load=LoadOptions(device=args.device, dtype=args.dtype, attention=args.attention),
+            default_voice=args.voice or None,
+            streaming=not args.no_streaming,
+            max_text_chars=args.max_text_length,
+            first_chunk_frames=args.first_chunk_frames,
+            debug=args.debug,
+        )
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wyoming_qwen3tts",
+        description="Wyoming text-to-speech server for Qwen3-TTS. Every flag can also be set "
+        f"as an environment variable: {ENV_PREFIX}<FLAG>, e.g. {_env_name('--clone-model')}.",
+    )
+
+    def option(flag: str, default=None, **kwargs) -> None:
+        value = environ.get(_env_name(flag))
+        if value is not None and value != "":
+            default = kwargs["type"](value) if "type" in kwargs else value
+        parser.add_argument(flag, default=default, **kwargs)
+
+    def switch(flag: str, help: str) -> None:
+        default = environ.get(_env_name(flag), "").strip().lower() in TRUE_WORDS
+        parser.add_argument(flag, action="store_true", default=default, help=help)
+
+    option("--uri", "tcp://0.0.0.0:10200", help="where to listen: tcp://HOST:PORT or unix://PATH")
+    zeroconf = environ.get(_env_name("--zeroconf")) or None
+    parser.add_argument(
+        "--zeroconf",
+        nargs="?",
+        const=DEFAULT_ZEROCONF_NAME,
+        default=zeroconf,
+        metavar="NAME",
+        help=f"announce the server by zeroconf, under NAME (default: {DEFAULT_ZEROCONF_NAME})",
+    )
+    option("--zeroconf-host", help="address to announce (default: this host's LAN address)")
+    option("--model", DEFAULT_MODEL, help="CustomVoice checkpoint: Hugging Face id or local folder")
+    option("--clone-model", DEFAULT_CLONE_MODEL, help="Base checkpoint for voice clones (loaded only when clones are configured)")
+    option("--device", "auto", choices=DEVICES, help="auto = CUDA when available, else CPU")
+    option("--dtype", "auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
+    option("--attention", "auto", choices=ATTENTIONS, help="auto = FlashAttention 2 when usable, else sdpa")
+    option("--data-dir", "data", help="folder for downloaded models and caches")
+    option("--voice", help="default voice when a request names none (default: the first preset speaker)")
+    switch("--no-streaming", "do not advertise streaming synthesis (synthesize-start/chunk/stop)")
+    option("--max-text-length", 20_000, type=int, help="most characters one request may ask to speak")
+    option("--first-chunk-frames", 1, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")
+    switch("--debug", "log DEBUG messages")
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The package's config classes log every default they fill in.
+    logging.getLogger("qwen_tts").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.WARNING if not debug else logging.INFO)
