@@ -16,7 +16,8 @@ from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
-from wyoming_qwen3tts.server.app import WyomingTtsServer
+from wyoming_qwen3tts.server.app import WyomingTtsServer, build_catalog, clone_entries
+from wyoming_qwen3tts.voices import VoiceCatalog
 from wyoming_qwen3tts.settings import Settings
 
 
@@ -29,10 +30,11 @@ def free_port() -> int:
 class ServerThread:
     """Starts a WyomingTtsServer on its own loop; `stop()` shuts it down."""
 
-    def __init__(self, settings: Settings, engine: SpeechEngine) -> None:
+    def __init__(self, settings: Settings, engine: SpeechEngine, catalog: VoiceCatalog | None = None) -> None:
         self.port = free_port()
         self.settings = dataclasses.replace(settings, uri=f"tcp://127.0.0.1:{self.port}")
         self.engine = engine
+        self.catalog = catalog
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -44,7 +46,8 @@ class ServerThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.server = WyomingTtsServer(self.settings, self.engine)
+        catalog = self.catalog or await build_catalog(self.engine, self.settings, clone_entries(self.settings))
+        self.server = WyomingTtsServer(self.settings, self.engine, catalog)
         await self.server.start()
         self._started.set()
         await self._stop.wait()

@@ -40,6 +40,9 @@ class Settings:
     clone_model: str = DEFAULT_CLONE_MODEL
     load: LoadOptions = field(default_factory=LoadOptions)
     default_voice: str | None = None
+    voices_file: Path | None = None  # YAML with clone voices
+    voices_dir: Path | None = None  # where relative sample paths point; default: the file's folder
+    clone_voices: tuple[dict, ...] = ()  # clone entries given directly (the add-on's options)
     streaming: bool = True
     max_text_chars: int = 20_000
     first_chunk_frames: int = 1
@@ -51,6 +54,18 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def clone_cache_dir(self) -> Path:
+        return self.data_dir / "clone-prompts"
+
+    @property
+    def samples_dir(self) -> Path:
+        if self.voices_dir is not None:
+            return self.voices_dir
+        if self.voices_file is not None:
+            return self.voices_file.parent
+        return self.data_dir / "voices"
 
     def engine_options(self, with_clone_model: bool) -> EngineOptions:
         return EngineOptions(
@@ -88,6 +103,8 @@ class Settings:
             clone_model=args.clone_model,
             load=LoadOptions(device=args.device, dtype=args.dtype, attention=args.attention),
             default_voice=args.voice or None,
+            voices_file=Path(args.voices) if args.voices else None,
+            voices_dir=Path(args.voices_dir) if args.voices_dir else None,
             streaming=not args.no_streaming,
             max_text_chars=args.max_text_length,
             first_chunk_frames=args.first_chunk_frames,
@@ -134,6 +151,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option("--attention", "auto", choices=ATTENTIONS, help="auto = FlashAttention 2 when usable, else sdpa")
     option("--data-dir", "data", help="folder for downloaded models and caches")
     option("--voice", help="default voice when a request names none (default: the first preset speaker)")
+    option("--voices", help="YAML file of clone voices: a list of {name, audio, transcript, language}")
+    option("--voices-dir", help="folder that relative sample paths point into (default: the voices file's folder)")
     switch("--no-streaming", "do not advertise streaming synthesis (synthesize-start/chunk/stop)")
     option("--max-text-length", 20_000, type=int, help="most characters one request may ask to speak")
     option("--first-chunk-frames", 1, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")

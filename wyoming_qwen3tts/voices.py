@@ -67,7 +67,7 @@ class Voice:
         return self.name.lower()
 
 
-def _ordered_codes(native: str | None, languages: list[str]) -> list[str]:
+def ordered_codes(native: str | None, languages: list[str]) -> list[str]:
     codes: list[str] = []
     for name in ([native] if native else []) + languages:
         code = LANGUAGE_CODES.get(name)
@@ -87,7 +87,7 @@ def preset_voices(engine: SpeechEngine) -> list[Voice]:
             Voice(
                 name=display_name(speaker),
                 description=f"{display_name(speaker).replace('_', ' ')} — {label}",
-                languages=_ordered_codes(native, languages),
+                languages=ordered_codes(native, languages),
                 spec=PresetSpeaker(speaker),
             )
         )

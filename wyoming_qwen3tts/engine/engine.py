@@ -89,7 +89,7 @@ class SpeechEngine:
                     wrapper.model.load_speech_tokenizer(shared.wrapper.model.speech_tokenizer)
                     decoder = shared.decoder
                     _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
-            runtimes[role] = ModelRuntime.create(wrapper, decoder)
+            runtimes[role] = ModelRuntime.create(wrapper, decoder, folder)
             _LOGGER.info(
                 "Loaded %s (%s) on %s as %s: %.0f MiB of weights",
                 name,
@@ -130,8 +130,19 @@ class SpeechEngine:
     def can_clone(self) -> bool:
         return BASE in self.runtimes
 
+    def clone_checkpoint_identity(self) -> str:
+        """Fingerprint of the Base checkpoint, for keying cached clone prompts."""
+        from ..clone_cache import checkpoint_identity
+
+        runtime = self._runtime(BASE)
+        if runtime.folder is None:
+            raise ValueError("the Base model was not loaded from a folder")
+        return checkpoint_identity(runtime.folder)
+
     def _runtime_for(self, voice: VoiceSpec) -> ModelRuntime:
-        role = CUSTOM_VOICE if isinstance(voice, PresetSpeaker) else BASE
+        return self._runtime(CUSTOM_VOICE if isinstance(voice, PresetSpeaker) else BASE)
+
+    def _runtime(self, role: str) -> ModelRuntime:
         runtime = self.runtimes.get(role)
         if runtime is None:
             raise ValueError(
@@ -186,7 +197,7 @@ class SpeechEngine:
         self, audio: np.ndarray, sample_rate: int, transcript: str | None
     ) -> ClonePrompt:
         """A clone prompt from a reference sample (runs on the model thread)."""
-        runtime = self._runtime_for(ClonePrompt(speaker_embedding=torch.zeros(1)))
+        runtime = self._runtime(BASE)
 
         def compute() -> ClonePrompt:
             items = runtime.wrapper.create_voice_clone_prompt(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,14 +53,18 @@ class ModelRuntime:
     frames: FrameGenerator
     decoder: StreamingCodecDecoder
     sampling: SamplingOptions  # the checkpoint's own defaults
+    folder: Path | None = None  # where the checkpoint was loaded from
 
     @classmethod
-    def create(cls, wrapper: "Qwen3TTSModel", decoder: StreamingCodecDecoder | None = None) -> "ModelRuntime":
+    def create(
+        cls, wrapper: "Qwen3TTSModel", decoder: StreamingCodecDecoder | None = None, folder: Path | None = None
+    ) -> "ModelRuntime":
         return cls(
             wrapper=wrapper,
             frames=FrameGenerator(wrapper.model),
             decoder=decoder or StreamingCodecDecoder(wrapper.model.speech_tokenizer.model.decoder),
             sampling=SamplingOptions.from_generation_config(wrapper.generate_defaults),
+            folder=folder,
         )
 
 

@@ -12,7 +12,9 @@ from wyoming.server import AsyncServer, AsyncTcpServer
 
 from ..engine.engine import SpeechEngine
 from ..settings import Settings
-from ..voices import VoiceCatalog, preset_voices
+from ..clone_cache import ClonePromptCache
+from ..clone_voices import CloneEntry, build_clone_voices, check_entries, parse_entries, read_voices_file
+from ..voices import Voice, VoiceCatalog, preset_voices
 from .discovery import announce
 from .handler import HandlerConfig, TtsEventHandler
 from .info import build_info
@@ -20,12 +22,26 @@ from .info import build_info
 _LOGGER = logging.getLogger(__name__)
 
 
-def build_catalog(engine: SpeechEngine, settings: Settings) -> VoiceCatalog:
-    return VoiceCatalog(preset_voices(engine), default=settings.default_voice)
+def clone_entries(settings: Settings) -> list[CloneEntry]:
+    """Clone voices from the voices file and from settings given directly (add-on options)."""
+    entries = list(parse_entries(list(settings.clone_voices), settings.samples_dir, "options"))
+    if settings.voices_file is not None:
+        entries += read_voices_file(settings.voices_file, settings.samples_dir)
+    return entries
 
 
-def handler_config(engine: SpeechEngine, settings: Settings) -> HandlerConfig:
-    catalog = build_catalog(engine, settings)
+async def build_catalog(engine: SpeechEngine, settings: Settings, entries: list[CloneEntry]) -> VoiceCatalog:
+    presets = preset_voices(engine)
+    clones: list[Voice] = []
+    if entries and engine.can_clone:
+        languages = [name for name in engine.languages if name != "auto"]
+        samples = check_entries(entries, [voice.name for voice in presets], engine.languages)
+        clones = await build_clone_voices(samples, engine, ClonePromptCache(settings.clone_cache_dir), languages)
+        _LOGGER.info("Clone voices: %s", ", ".join(v.name for v in clones) if clones else "none usable")
+    return VoiceCatalog(presets + clones, default=settings.default_voice)
+
+
+def handler_config(engine: SpeechEngine, catalog: VoiceCatalog, settings: Settings) -> HandlerConfig:
     return HandlerConfig(
         engine=engine,
         catalog=catalog,
@@ -39,10 +55,10 @@ def handler_config(engine: SpeechEngine, settings: Settings) -> HandlerConfig:
 class WyomingTtsServer:
     """The Wyoming side of the product: listens, announces, serves every connection."""
 
-    def __init__(self, settings: Settings, engine: SpeechEngine) -> None:
+    def __init__(self, settings: Settings, engine: SpeechEngine, catalog: VoiceCatalog) -> None:
         self.settings = settings
         self.engine = engine
-        self.config = handler_config(engine, settings)
+        self.config = handler_config(engine, catalog, settings)
         self._server = AsyncServer.from_uri(settings.uri)
         self._zeroconf = None
 
@@ -68,10 +84,23 @@ class WyomingTtsServer:
         await self._server.stop()
 
 
+async def prepare(settings: Settings) -> tuple[SpeechEngine, VoiceCatalog]:
+    """Load the models and build the voice catalog (clone prompts from cache, or computed)."""
+    entries = clone_entries(settings)
+    # The Base model is only needed (and only loaded) when clone voices are configured.
+    engine = await asyncio.to_thread(SpeechEngine.load, settings.engine_options(with_clone_model=bool(entries)))
+    try:
+        catalog = await build_catalog(engine, settings, entries)
+    except BaseException:
+        engine.close()
+        raise
+    return engine, catalog
+
+
 async def serve(settings: Settings) -> None:
     """Load the models, then serve until SIGTERM or SIGINT."""
-    engine = await asyncio.to_thread(SpeechEngine.load, settings.engine_options(with_clone_model=False))
-    server = WyomingTtsServer(settings, engine)
+    engine, catalog = await prepare(settings)
+    server = WyomingTtsServer(settings, engine, catalog)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
