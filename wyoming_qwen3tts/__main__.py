@@ -15,7 +15,7 @@ _LOGGER = logging.getLogger("wyoming_qwen3tts")
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(argv)
-    configure_logging(settings.debug)
+    configure_logging(settings.log_level)
     _LOGGER.debug("Settings: %s", settings)
     try:
         asyncio.run(serve(settings))

@@ -26,6 +26,7 @@ DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
 DEFAULT_CLONE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 DEFAULT_ZEROCONF_NAME = "qwen3-tts"
 TRUE_WORDS = ("1", "true", "yes", "on")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Settings:
     stop: StopRules = field(default_factory=StopRules)
     request: RequestOptions = field(default_factory=RequestOptions)
     limits: EventLimits = field(default_factory=EventLimits)
-    debug: bool = False
+    log_level: str = "info"
 
     @property
     def models_dir(self) -> Path:
@@ -108,7 +109,7 @@ class Settings:
             streaming=not args.no_streaming,
             max_text_chars=args.max_text_length,
             first_chunk_frames=args.first_chunk_frames,
-            debug=args.debug,
+            log_level="debug" if args.debug else args.log_level,
         )
 
 
@@ -156,16 +157,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     switch("--no-streaming", "do not advertise streaming synthesis (synthesize-start/chunk/stop)")
     option("--max-text-length", 20_000, type=int, help="most characters one request may ask to speak")
     option("--first-chunk-frames", 1, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")
-    switch("--debug", "log DEBUG messages")
+    option("--log-level", "info", choices=LOG_LEVELS, help="how much to log")
+    switch("--debug", "log DEBUG messages (same as --log-level debug)")
     parser.add_argument("--version", action="version", version=__version__)
     return parser
 
 
-def configure_logging(debug: bool) -> None:
+def configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # The package's config classes log every default they fill in.
-    logging.getLogger("qwen_tts").setLevel(logging.WARNING)
-    logging.getLogger("transformers").setLevel(logging.WARNING if not debug else logging.INFO)
+    logging.getLogger("qwen_tts").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("transformers").setLevel(max(logging.WARNING, logging.getLogger().level))

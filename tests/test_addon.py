@@ -1,0 +1,284 @@
+"""The Home Assistant add-on: manifest, options, run.sh, image recipe, discovery, health check."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from aiohttp import web
+from packaging.requirements import Requirement
+
+from servers import ServerThread
+
+from wyoming_qwen3tts import __version__
+from wyoming_qwen3tts.addon.discovery import announce
+from wyoming_qwen3tts.addon.healthcheck import describe
+from wyoming_qwen3tts.clone_voices import read_voices_file
+from wyoming_qwen3tts.engine.engine import EngineOptions, SpeechEngine
+from wyoming_qwen3tts.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
+TRANSLATIONS = yaml.safe_load((ROOT / "translations" / "en.yaml").read_text())
+
+
+# The Supervisor's option types (supervisor/addons/options.py): a name, an optional range,
+# list(a|b) choices, match(regex), a trailing "?" for optional; lists and dicts nest.
+SCHEMA_ELEMENT = re.compile(
+    r"^(?:bool|email|url|port"
+    r"|str(?:\((?P<s_min>\d+)?,(?P<s_max>\d+)?\))?"
+    r"|password(?:\((?P<p_min>\d+)?,(?P<p_max>\d+)?\))?"
+    r"|int(?:\((?P<i_min>\d+)?,(?P<i_max>\d+)?\))?"
+    r"|float(?:\((?P<f_min>[\d.]+)?,(?P<f_max>[\d.]+)?\))?"
+    r"|match\((?P<match>.*)\)"
+    r"|list\((?P<list>.+)\))\??$"
+)
+
+
+def check_value(schema, value, where: str) -> None:
+    if isinstance(schema, list):
+        assert isinstance(value, list), f"{where}: expected a list"
+        for index, item in enumerate(value):
+            check_value(schema[0], item, f"{where}[{index}]")
+        return
+    if isinstance(schema, dict):
+        assert isinstance(value, dict), f"{where}: expected a mapping"
+        check_options(schema, value, where)
+        return
+    match = SCHEMA_ELEMENT.match(schema)
+    assert match, f"{where}: unknown type {schema!r}"
+    assert value is not None, f"{where}: required"
+    kind = schema.split("(")[0].rstrip("?")
+    if kind in ("str", "password", "email", "url"):
+        assert isinstance(value, str), f"{where}: expected a string"
+    elif kind in ("int", "port"):
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: expected an int"
+        if kind == "port":
+            assert 1 <= value <= 65535
+    elif kind == "float":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind == "bool":
+        assert isinstance(value, bool), f"{where}: expected a bool"
+    elif kind == "list":
+        assert str(value) in match.group("list").split("|"), f"{where}: {value!r} not in {schema}"
+    elif kind == "match":
+        assert re.fullmatch(match.group("match"), str(value)), f"{where}: {value!r} !~ {schema}"
+
+
+def check_options(schema: dict, options: dict, where: str = "options") -> None:
+    for key, value in options.items():
+        assert key in schema, f"{where}.{key} has no schema entry"
+        check_value(schema[key], value, f"{where}.{key}")
+    for key, kind in schema.items():
+        if key not in options:
+            element = kind[0] if isinstance(kind, list) else kind
+            assert isinstance(element, str) and element.endswith("?"), f"{where}.{key} is required but has no default"
+
+
+def test_config_yaml_validates_against_the_add_on_linter_schema():
+    schema = json.loads((ROOT / "tests" / "data" / "addon-config.schema.json").read_text())
+    jsonschema.validate(CONFIG, schema)
+    assert CONFIG["slug"] == "qwen3_tts"
+    assert CONFIG["discovery"] == ["wyoming"]
+    assert CONFIG["ports"] == {"10200/tcp": 10200} and "10200/tcp" in CONFIG["ports_description"]
+    assert set(CONFIG["arch"]) == {"amd64", "aarch64"}
+    assert any(m.get("type") == "share" for m in CONFIG["map"] if isinstance(m, dict))
+    assert "models" in CONFIG["backup_exclude"]
+
+
+def test_every_option_has_a_schema_entry_a_translation_and_a_valid_default():
+    options, schema = CONFIG["options"], CONFIG["schema"]
+    assert set(options) == set(schema)
+    check_options(schema, options)
+    for key in schema:
+        entry = TRANSLATIONS["configuration"].get(key)
+        assert entry and entry.get("name") and entry.get("description"), f"no translation for {key}"
+    assert set(TRANSLATIONS["network"]) == set(CONFIG["ports"])
+
+
+def test_the_option_checker_rejects_what_the_supervisor_rejects():
+    schema = CONFIG["schema"]
+    with pytest.raises(AssertionError):
+        check_options(schema, {**CONFIG["options"], "device": "tpu"})
+    with pytest.raises(AssertionError):
+        check_options(schema, {**CONFIG["options"], "voices": [{"name": "x"}]})
+    with pytest.raises(AssertionError):
+        check_options(schema, {k: v for k, v in CONFIG["options"].items() if k != "streaming"})
+    check_options(schema, {**CONFIG["options"], "voices": [{"name": "Grandma", "audio": "g.wav"}]})
+
+
+def test_package_version_equals_the_add_on_version():
+    assert CONFIG["version"] == __version__
+
+
+def test_repository_yaml_names_the_store_entry():
+    repository = yaml.safe_load((ROOT / "repository.yaml").read_text())
+    assert {"name", "url", "maintainer"} <= set(repository)
+
+
+def test_no_other_config_file_is_committed():
+    # The Supervisor reads every config.* outside dot-folders and rootfs/ as an add-on manifest.
+    # Tracked files and files that would be committed (untracked, not ignored).
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
+    )
+    if listed.returncode == 0:
+        files = [Path(line) for line in listed.stdout.splitlines()]
+    else:
+        files = [p.relative_to(ROOT) for p in ROOT.rglob("*") if p.is_file()]
+    manifests = [
+        f for f in files
+        if f.name.split(".")[0] == "config" and not any(part.startswith(".") or part == "rootfs" for part in f.parts)
+    ]
+    assert manifests == [Path("config.yaml")]
+
+
+def test_add_on_images_are_pngs():
+    for name in ("icon.png", "logo.png"):
+        assert (ROOT / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_sh(tmp_path, options: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps(options))
+    env = {k: v for k, v in os.environ.items() if k not in ("SUPERVISOR_TOKEN",)}
+    env.update(ADDON_OPTIONS=str(path), RUN_SH_EXEC=r"printf %s\n")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(["bash", str(ROOT / "run.sh")], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
+    result = run_sh(tmp_path, CONFIG["options"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "--uri", "tcp://0.0.0.0:10200",
+        "--data-dir", "/data",
+        "--model", "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice",
+        "--clone-model", "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
+        "--device", "auto",
+        "--dtype", "auto",
+        "--voices", str(tmp_path / "options.json"),
+        "--voices-dir", "/share/qwen3tts",
+        "--log-level", "info",
+    ]
+
+
+def test_run_sh_passes_custom_models_and_switches(tmp_path):
+    options = {
+        **CONFIG["options"],
+        "model": "custom",
+        "custom_model": "/share/qwen3tts/models/my model",
+        "clone_model": "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "default_voice": "Grandma",
+        "streaming": False,
+        "zeroconf_name": "kitchen-tts",
+        "log_level": "debug",
+        "voices": [{"name": "Grandma", "audio": "grandma.wav", "transcript": "Hello dear."}],
+    }
+    result = run_sh(tmp_path, options)
+    assert result.returncode == 0, result.stderr
+    args = result.stdout.splitlines()
+
+    def value(flag):
+        return args[args.index(flag) + 1]
+
+    assert value("--model") == "/share/qwen3tts/models/my model", "a path with a space stays one argument"
+    assert value("--clone-model") == "Qwen/Qwen3-TTS-12Hz-1.7B-Base"
+    assert value("--device") == "cuda" and value("--dtype") == "bfloat16" and value("--log-level") == "debug"
+    assert value("--voice") == "Grandma" and value("--zeroconf") == "kitchen-tts"
+    assert "--no-streaming" in args
+    # The server gets these very arguments, and reads the clone voices from options.json.
+    settings = Settings.from_args(args, {})
+    assert settings.voices_file == tmp_path / "options.json" and not settings.streaming
+    assert settings.model == "/share/qwen3tts/models/my model" and settings.load.device == "cuda"
+    assert settings.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
+    entries = read_voices_file(settings.voices_file, settings.samples_dir)
+    assert [(e.name, e.audio, e.transcript) for e in entries] == [
+        ("Grandma", Path("/share/qwen3tts/grandma.wav"), "Hello dear.")
+    ]
+
+
+def test_run_sh_stops_with_a_clear_message_for_an_empty_custom_model(tmp_path):
+    result = run_sh(tmp_path, {**CONFIG["options"], "model": "custom", "custom_model": ""})
+    assert result.returncode != 0
+    assert "'model' is 'custom' but 'custom_model' is empty" in result.stderr
+    assert result.stdout == ""
+
+
+def test_dockerfile_installs_what_pyproject_and_script_setup_install():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setup = (ROOT / "script" / "setup").read_text()
+
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    qwen_pin = re.search(r'"qwen-tts==([\d.]+)"', setup).group(1)
+    assert args["QWEN_TTS_SPEC"] == f"qwen-tts=={qwen_pin}"
+    assert "--no-deps" in dockerfile and '--no-deps "${QWEN_TTS_SPEC}"' in dockerfile
+
+    torch = Requirement(args["TORCH_SPEC"])
+    declared = next(Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("torch"))
+    pinned = next(iter(torch.specifier)).version
+    assert declared.specifier.contains(pinned), f"{pinned} is outside pyproject's {declared.specifier}"
+
+    installs = re.findall(r"pip install (\S+)\s*$", dockerfile, re.M)
+    assert installs == ["."], "the package itself, with the same (no) extras as the server install"
+    assert '"${TORCH_SPEC}"' in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "wyoming_qwen3tts.addon healthcheck" in dockerfile
+    assert "/data" in dockerfile and "huggingface-cli download" not in dockerfile and "snapshot_download" not in dockerfile
+
+
+@pytest.fixture(scope="module")
+def wyoming_server(checkpoints):
+    engine = SpeechEngine.load(EngineOptions(model=str(checkpoints["custom_voice"])))
+    server = ServerThread(Settings(), engine)
+    yield server
+    server.stop()
+    engine.close()
+
+
+async def test_healthcheck_answers_true_only_when_the_server_describes_itself(wyoming_server):
+    from servers import free_port
+
+    assert await describe("127.0.0.1", wyoming_server.port)
+    assert not await describe("127.0.0.1", free_port(), timeout=2)
+
+
+async def test_discovery_is_posted_to_the_supervisor_once_the_server_answers(wyoming_server):
+    received = []
+
+    async def discovery(request: web.Request) -> web.Response:
+        received.append((request.headers.get("Authorization"), await request.json()))
+        return web.json_response({"result": "ok", "data": {"uuid": "x"}})
+
+    app = web.Application()
+    app.router.add_post("/discovery", discovery)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        ok = await announce(wyoming_server.port, f"http://127.0.0.1:{port}", "secret-token", host="addon-host", wait=30)
+    finally:
+        await runner.cleanup()
+    assert ok
+    assert received == [
+        ("Bearer secret-token", {"service": "wyoming", "config": {"uri": f"tcp://addon-host:{wyoming_server.port}"}})
+    ]
+
+
+async def test_discovery_gives_up_when_the_server_never_answers():
+    from servers import free_port
+
+    assert not await asyncio.wait_for(announce(free_port(), "http://127.0.0.1:9", "t", wait=1.5), timeout=20)

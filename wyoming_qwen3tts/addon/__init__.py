@@ -1,0 +1,1 @@
+"""Home Assistant add-on glue: options to command line, Supervisor discovery, health check."""
