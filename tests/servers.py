@@ -16,6 +16,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.http_api.server import HttpApiServer
 from wyoming_qwen3tts.server.app import WyomingTtsServer, build_catalog, clone_entries
 from wyoming_qwen3tts.voices import VoiceCatalog
 from wyoming_qwen3tts.settings import Settings
@@ -49,9 +50,15 @@ class ServerThread:
         catalog = self.catalog or await build_catalog(self.engine, self.settings, clone_entries(self.settings))
         self.server = WyomingTtsServer(self.settings, self.engine, catalog)
         await self.server.start()
+        self.http = None
+        if self.settings.http_port is not None:
+            self.http = HttpApiServer(self.settings, self.engine, catalog)
+            await self.http.start()
         self._started.set()
         await self._stop.wait()
         await self.server.stop()
+        if self.http is not None:
+            await self.http.stop()
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)

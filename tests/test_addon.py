@@ -89,7 +89,8 @@ def test_config_yaml_validates_against_the_add_on_linter_schema():
     jsonschema.validate(CONFIG, schema)
     assert CONFIG["slug"] == "qwen3_tts"
     assert CONFIG["discovery"] == ["wyoming"]
-    assert CONFIG["ports"] == {"10200/tcp": 10200} and "10200/tcp" in CONFIG["ports_description"]
+    assert CONFIG["ports"] == {"10200/tcp": 10200, "10201/tcp": None}
+    assert set(CONFIG["ports_description"]) == set(CONFIG["ports"])
     assert set(CONFIG["arch"]) == {"amd64", "aarch64"}
     assert any(m.get("type") == "share" for m in CONFIG["map"] if isinstance(m, dict))
     assert "models" in CONFIG["backup_exclude"]
@@ -185,6 +186,9 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
         "zeroconf_name": "kitchen-tts",
         "log_level": "debug",
         "voices": [{"name": "Grandma", "audio": "grandma.wav", "transcript": "Hello dear."}],
+        "http_api": True,
+        "http_api_key": "s3cret key",
+        "http_clones": True,
     }
     result = run_sh(tmp_path, options)
     assert result.returncode == 0, result.stderr
@@ -203,6 +207,8 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     assert settings.voices_file == tmp_path / "options.json" and not settings.streaming
     assert settings.model == "/share/qwen3tts/models/my model" and settings.load.device == "cuda"
     assert settings.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
+    assert (settings.http_port, settings.http_host, settings.http_api_key) == (10201, "0.0.0.0", "s3cret key")
+    assert settings.http_clones
     entries = read_voices_file(settings.voices_file, settings.samples_dir)
     assert [(e.name, e.audio, e.transcript) for e in entries] == [
         ("Grandma", Path("/share/qwen3tts/grandma.wav"), "Hello dear.")

@@ -12,10 +12,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .engine.prompt import ClonePrompt
+
+if TYPE_CHECKING:
+    from .engine.engine import SpeechEngine
+    from .reference_audio import ReferenceAudio
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -100,3 +105,24 @@ class ClonePromptCache:
             os.replace(temporary, self._path(key))
         finally:
             Path(temporary).unlink(missing_ok=True)
+
+
+class ClonePrompts:
+    """Clone prompts for samples: from the disk cache, or computed by the engine and cached."""
+
+    def __init__(self, engine: "SpeechEngine", cache: ClonePromptCache) -> None:
+        self.engine = engine
+        self.cache = cache
+        self._identity: str | None = None
+
+    async def get(self, audio_bytes: bytes, audio: "ReferenceAudio", transcript: str | None) -> tuple[ClonePrompt, bool]:
+        """The prompt for a checked sample, and whether it had to be computed."""
+        if self._identity is None:
+            self._identity = self.engine.clone_checkpoint_identity()
+        key = prompt_key(audio_bytes, transcript, self._identity)
+        prompt = self.cache.load(key)
+        if prompt is not None:
+            return prompt, False
+        prompt = await self.engine.create_clone_prompt(audio.samples, audio.sample_rate, transcript)
+        self.cache.store(key, prompt)
+        return prompt, True

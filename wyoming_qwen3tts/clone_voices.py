@@ -19,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .clone_cache import ClonePromptCache, prompt_key
-from .engine.engine import SpeechEngine
+from .clone_cache import ClonePrompts
 from .reference_audio import ReferenceAudio, ReferenceAudioError, read_reference
 from .voices import LANGUAGE_CODES, Voice, language_label, ordered_codes
 
@@ -140,25 +139,17 @@ def check_entries(entries: list[CloneEntry], reserved: list[str], languages: lis
     return samples
 
 
-async def build_clone_voices(
-    samples: list[CloneSample], engine: SpeechEngine, cache: ClonePromptCache, languages: list[str]
-) -> list[Voice]:
+async def build_clone_voices(samples: list[CloneSample], prompts: ClonePrompts, languages: list[str]) -> list[Voice]:
     """Voices for the checked samples, with prompts from the cache or computed (then cached)."""
-    if not samples:
-        return []
-    identity = engine.clone_checkpoint_identity()
     voices = []
     for sample in samples:
         entry = sample.entry
-        key = prompt_key(sample.audio_bytes, entry.transcript, identity)
-        prompt = cache.load(key)
-        if prompt is None:
-            try:
-                prompt = await engine.create_clone_prompt(sample.audio.samples, 24000, entry.transcript)
-            except Exception as err:  # noqa: BLE001 - one voice must not stop the others
-                _LOGGER.error("Voice %r skipped: computing its clone prompt failed (%s)", entry.name, err)
-                continue
-            cache.store(key, prompt)
+        try:
+            prompt, computed = await prompts.get(sample.audio_bytes, sample.audio, entry.transcript)
+        except Exception as err:  # noqa: BLE001 - one voice must not stop the others
+            _LOGGER.error("Voice %r skipped: computing its clone prompt failed (%s)", entry.name, err)
+            continue
+        if computed:
             _LOGGER.info("Voice %r: clone prompt computed and cached", entry.name)
         label = "voice clone" if entry.language == "auto" else f"voice clone, {language_label(entry.language)}"
         voices.append(

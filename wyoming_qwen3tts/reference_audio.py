@@ -37,9 +37,11 @@ class ReferenceAudio:
     source_rate: int
     source_channels: int
 
+    sample_rate: int = SAMPLE_RATE
+
     @property
     def seconds(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
+        return len(self.samples) / self.sample_rate
 
 
 def read_reference(source: Path | bytes, label: str) -> ReferenceAudio:

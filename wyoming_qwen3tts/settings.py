@@ -51,6 +51,11 @@ class Settings:
     request: RequestOptions = field(default_factory=RequestOptions)
     limits: EventLimits = field(default_factory=EventLimits)
     log_level: str = "info"
+    http_port: int | None = None  # None: no HTTP API
+    http_host: str = "127.0.0.1"
+    http_api_key: str | None = None
+    http_clones: bool = False  # load the Base model for one-off clones over HTTP
+    http_max_body_bytes: int = 25 << 20  # uploads included
 
     @property
     def models_dir(self) -> Path:
@@ -95,6 +100,8 @@ class Settings:
     def _from_namespace(cls, args: argparse.Namespace) -> "Settings":
         if args.first_chunk_frames < 1 or args.max_text_length < 1:
             raise ValueError("--first-chunk-frames and --max-text-length must be at least 1")
+        if not 0 <= args.http_port <= 65535:
+            raise ValueError("--http-port must be a port number (0 turns the HTTP API off)")
         return cls(
             uri=args.uri,
             zeroconf_name=args.zeroconf or None,
@@ -110,6 +117,10 @@ class Settings:
             max_text_chars=args.max_text_length,
             first_chunk_frames=args.first_chunk_frames,
             log_level="debug" if args.debug else args.log_level,
+            http_port=args.http_port or None,
+            http_host=args.http_host,
+            http_api_key=args.http_api_key or None,
+            http_clones=args.http_clones,
         )
 
 
@@ -157,6 +168,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     switch("--no-streaming", "do not advertise streaming synthesis (synthesize-start/chunk/stop)")
     option("--max-text-length", 20_000, type=int, help="most characters one request may ask to speak")
     option("--first-chunk-frames", 1, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")
+    option("--http-port", 0, type=int, help="serve the OpenAI-compatible /v1/audio/speech API on this port (0: off)")
+    option("--http-host", "127.0.0.1", help="address the HTTP API binds to (loopback unless you open it up)")
+    option("--http-api-key", help="require 'Authorization: Bearer KEY' on the HTTP API")
+    switch("--http-clones", "load the Base model so HTTP requests can clone a voice from reference audio")
     option("--log-level", "info", choices=LOG_LEVELS, help="how much to log")
     switch("--debug", "log DEBUG messages (same as --log-level debug)")
     parser.add_argument("--version", action="version", version=__version__)

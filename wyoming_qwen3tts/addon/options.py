@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 WYOMING_PORT = 10200
+HTTP_PORT = 10201
 DATA_DIR = "/data"
 VOICES_DIR = "/share/qwen3tts"
 CUSTOM = "custom"
@@ -57,6 +58,14 @@ def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
     zeroconf_name = str(options.get("zeroconf_name") or "").strip()
     if zeroconf_name:
         args += ["--zeroconf", zeroconf_name]
+    if options.get("http_api", False):
+        # Inside the add-on's container; the Supervisor's port mapping decides who reaches it.
+        args += ["--http-port", str(HTTP_PORT), "--http-host", "0.0.0.0"]
+        api_key = str(options.get("http_api_key") or "").strip()
+        if api_key:
+            args += ["--http-api-key", api_key]
+        if options.get("http_clones", False):
+            args.append("--http-clones")
     return args
 
 

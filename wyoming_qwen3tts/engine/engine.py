@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator, Iterable
 
@@ -46,6 +46,7 @@ class RequestOptions:
     seed: int | None = None
     non_streaming_mode: bool | None = None  # None: the package's default for the voice type
     instruct: str | None = None
+    max_frames: int | None = None  # a tighter absolute frame cap for this request
 
 
 def codecs_identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -170,11 +171,14 @@ class SpeechEngine:
         if non_streaming is None:
             # The package's defaults: full text up front for presets, dual track for clones.
             non_streaming = isinstance(voice, PresetSpeaker)
-        options = self.options
+        stop = self.options.stop
+        if request.max_frames is not None:
+            stop = replace(stop, max_frames=max(1, min(stop.max_frames, request.max_frames)))
+        chunks = self.options.chunks
 
         def make_utterance(text: str, segment: int) -> Utterance:
             prompt = build_prompt(runtime.wrapper, text, voice, language, non_streaming, request.instruct)
-            return Utterance(runtime, prompt, sampling, options.stop, options.chunks, segment=segment)
+            return Utterance(runtime, prompt, sampling, stop, chunks, segment=segment)
 
         return self.worker.new_job(make_utterance, loop or asyncio.get_running_loop())
 

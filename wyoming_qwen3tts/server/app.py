@@ -12,7 +12,7 @@ from wyoming.server import AsyncServer, AsyncTcpServer
 
 from ..engine.engine import SpeechEngine
 from ..settings import Settings
-from ..clone_cache import ClonePromptCache
+from ..clone_cache import ClonePromptCache, ClonePrompts
 from ..clone_voices import CloneEntry, build_clone_voices, check_entries, parse_entries, read_voices_file
 from ..voices import Voice, VoiceCatalog, preset_voices
 from .discovery import announce
@@ -36,7 +36,8 @@ async def build_catalog(engine: SpeechEngine, settings: Settings, entries: list[
     if entries and engine.can_clone:
         languages = [name for name in engine.languages if name != "auto"]
         samples = check_entries(entries, [voice.name for voice in presets], engine.languages)
-        clones = await build_clone_voices(samples, engine, ClonePromptCache(settings.clone_cache_dir), languages)
+        prompts = ClonePrompts(engine, ClonePromptCache(settings.clone_cache_dir))
+        clones = await build_clone_voices(samples, prompts, languages)
         _LOGGER.info("Clone voices: %s", ", ".join(v.name for v in clones) if clones else "none usable")
     return VoiceCatalog(presets + clones, default=settings.default_voice)
 
@@ -87,8 +88,9 @@ class WyomingTtsServer:
 async def prepare(settings: Settings) -> tuple[SpeechEngine, VoiceCatalog]:
     """Load the models and build the voice catalog (clone prompts from cache, or computed)."""
     entries = clone_entries(settings)
-    # The Base model is only needed (and only loaded) when clone voices are configured.
-    engine = await asyncio.to_thread(SpeechEngine.load, settings.engine_options(with_clone_model=bool(entries)))
+    # The Base model is only needed (and only loaded) for clone voices, configured or one-off.
+    wants_clones = bool(entries) or (settings.http_port is not None and settings.http_clones)
+    engine = await asyncio.to_thread(SpeechEngine.load, settings.engine_options(with_clone_model=wants_clones))
     try:
         catalog = await build_catalog(engine, settings, entries)
     except BaseException:
@@ -99,8 +101,12 @@ async def prepare(settings: Settings) -> tuple[SpeechEngine, VoiceCatalog]:
 
 async def serve(settings: Settings) -> None:
     """Load the models, then serve until SIGTERM or SIGINT."""
+    from ..http_api.server import HttpApiServer
+
     engine, catalog = await prepare(settings)
-    server = WyomingTtsServer(settings, engine, catalog)
+    servers = [WyomingTtsServer(settings, engine, catalog)]
+    if settings.http_port is not None:
+        servers.append(HttpApiServer(settings, engine, catalog))
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -109,9 +115,11 @@ async def serve(settings: Settings) -> None:
         except (NotImplementedError, RuntimeError):
             pass
     try:
-        await server.start()
+        for server in servers:
+            await server.start()
         await stopped.wait()
         _LOGGER.info("Stopping")
     finally:
-        await server.stop()
+        for server in servers:
+            await server.stop()
         engine.close()

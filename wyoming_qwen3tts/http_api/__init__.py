@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API (`/v1/audio/speech`), sharing the engine with the Wyoming server."""
