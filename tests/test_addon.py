@@ -170,6 +170,7 @@ def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
         "--voices", str(tmp_path / "options.json"),
         "--voices-dir", "/share/qwen3tts",
         "--log-level", "info",
+        "--stream-text-by", "words",
     ]
 
 
@@ -183,6 +184,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
         "dtype": "bfloat16",
         "default_voice": "Grandma",
         "streaming": False,
+        "stream_text_by": "sentences",
         "zeroconf_name": "kitchen-tts",
         "log_level": "debug",
         "voices": [{"name": "Grandma", "audio": "grandma.wav", "transcript": "Hello dear."}],
@@ -205,6 +207,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     # The server gets these very arguments, and reads the clone voices from options.json.
     settings = Settings.from_args(args, {})
     assert settings.voices_file == tmp_path / "options.json" and not settings.streaming
+    assert settings.stream_text_by == "sentences"
     assert settings.model == "/share/qwen3tts/models/my model" and settings.load.device == "cuda"
     assert settings.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
     assert (settings.http_port, settings.http_host, settings.http_api_key) == (10201, "0.0.0.0", "s3cret key")

@@ -27,6 +27,8 @@ DEFAULT_CLONE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 DEFAULT_ZEROCONF_NAME = "qwen3-tts"
 TRUE_WORDS = ("1", "true", "yes", "on")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# --text-mode -> the package's non_streaming_mode
+TEXT_MODES = {"auto": None, "upfront": True, "dual-track": False}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Settings:
     voices_dir: Path | None = None  # where relative sample paths point; default: the file's folder
     clone_voices: tuple[dict, ...] = ()  # clone entries given directly (the add-on's options)
     streaming: bool = True
+    stream_text_by: str = "words"  # "words": dual-track streaming; "sentences": sentence by sentence
     max_text_chars: int = 20_000
     first_chunk_frames: int = 1
     stop: StopRules = field(default_factory=StopRules)
@@ -114,6 +117,8 @@ class Settings:
             voices_file=Path(args.voices) if args.voices else None,
             voices_dir=Path(args.voices_dir) if args.voices_dir else None,
             streaming=not args.no_streaming,
+            stream_text_by=args.stream_text_by,
+            request=RequestOptions(non_streaming_mode=TEXT_MODES[args.text_mode]),
             max_text_chars=args.max_text_length,
             first_chunk_frames=args.first_chunk_frames,
             log_level="debug" if args.debug else args.log_level,
@@ -166,6 +171,20 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option("--voices", help="YAML file of clone voices: a list of {name, audio, transcript, language}")
     option("--voices-dir", help="folder that relative sample paths point into (default: the voices file's folder)")
     switch("--no-streaming", "do not advertise streaming synthesis (synthesize-start/chunk/stop)")
+    option(
+        "--stream-text-by",
+        "words",
+        choices=("words", "sentences"),
+        help="streamed text enters the model word by word (dual track: speech starts after the first "
+        "words) or sentence by sentence",
+    )
+    option(
+        "--text-mode",
+        "auto",
+        choices=tuple(TEXT_MODES),
+        help="how a whole sentence enters the prompt: up front, or dual track; auto = the package's "
+        "default (up front for preset speakers, dual track for clones)",
+    )
     option("--max-text-length", 20_000, type=int, help="most characters one request may ask to speak")
     option("--first-chunk-frames", 1, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")
     option("--http-port", 0, type=int, help="serve the OpenAI-compatible /v1/audio/speech API on this port (0: off)")

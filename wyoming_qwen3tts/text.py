@@ -25,25 +25,27 @@ def normalise(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
+def cut_point(text: str, max_chars: int) -> int:
+    """Where to cut ``text`` to keep at most ``max_chars``: after a clause mark, else a space."""
+    if len(text) <= max_chars:
+        return len(text)
+    window = text[: max_chars + 1]
+    for pattern in (_CLAUSE_END, _SPACE):
+        # The last break in the window, but not so early that we make tiny pieces.
+        ends = [m.end() for m in pattern.finditer(window) if max_chars // 3 <= m.end() <= max_chars]
+        if ends:
+            return ends[-1]
+    return max_chars
+
+
 def split_long(sentence: str, max_chars: int = DEFAULT_MAX_SEGMENT_CHARS) -> list[str]:
     """Cut a sentence longer than ``max_chars`` at clause marks, else at spaces, else hard."""
     pieces: list[str] = []
     rest = sentence.strip()
-    while len(rest) > max_chars:
-        window = rest[: max_chars + 1]
-        cut = 0
-        for pattern in (_CLAUSE_END, _SPACE):
-            # The last break in the window, but not so early that we make tiny pieces.
-            ends = [m.end() for m in pattern.finditer(window) if m.end() >= max_chars // 3]
-            if ends:
-                cut = ends[-1]
-                break
-        if cut == 0:
-            cut = max_chars
+    while rest:
+        cut = cut_point(rest, max_chars)
         pieces.append(rest[:cut].strip())
         rest = rest[cut:].strip()
-    if rest:
-        pieces.append(rest)
     return [p for p in pieces if p]
 
 
@@ -75,3 +77,63 @@ def split_text(text: str, max_chars: int = DEFAULT_MAX_SEGMENT_CHARS) -> list[st
     """All segments of a complete text."""
     segmenter = TextSegmenter(max_chars)
     return segmenter.add(text) + segmenter.finish()
+
+
+class WordStreamSegmenter:
+    """Text streamed into the model as it arrives (dual track), cut into segments of sane length.
+
+    Text goes straight through until the segment holds ``soft_chars``; from then on it is held
+    until the sentence it is in ends (found by `sentence-stream`), and the segment closes
+    there. A sentence that runs past ``hard_chars`` is cut at a clause mark or a space.
+    `add` and `finish` return (text to append, close the segment after it) pairs.
+    """
+
+    def __init__(self, soft_chars: int = 200, hard_chars: int = 400) -> None:
+        self.soft_chars = soft_chars
+        self.hard_chars = hard_chars
+        self._length = 0  # characters in the open segment
+        self._held = ""  # text past the soft limit, waiting for its sentence to end
+        self._detector: SentenceBoundaryDetector | None = None
+
+    @staticmethod
+    def _clean(chunk: str) -> str:
+        # Markdown emphasis is never spoken; line breaks are just spaces.
+        return chunk.replace("*", "").replace("\r", " ").replace("\n", " ")
+
+    def add(self, chunk: str) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
+        rest = self._clean(chunk)
+        while rest:
+            if self._detector is None and self._length < self.soft_chars:
+                take = rest[: self.soft_chars - self._length]
+                out.append((take, False))
+                self._length += len(take)
+                rest = rest[len(take) :]
+                continue
+            if self._detector is None:
+                self._detector = SentenceBoundaryDetector()
+            self._held += rest
+            sentences = list(self._detector.add_chunk(rest))
+            rest = ""
+            if sentences:
+                detector = self._detector
+                consumed = len(self._held) - len(detector.remaining_text) - len(detector.current_sentence)
+                out.append((self._held[:consumed], True))
+                rest = self._held[consumed:].lstrip()
+                self._reset()
+            elif self._length + len(self._held) >= self.hard_chars:
+                cut = cut_point(self._held, max(1, self.hard_chars - self._length))
+                out.append((self._held[:cut], True))
+                rest = self._held[cut:].lstrip()
+                self._reset()
+        return out
+
+    def finish(self) -> list[tuple[str, bool]]:
+        out = [(self._held, True)]
+        self._reset()
+        return out
+
+    def _reset(self) -> None:
+        self._length = 0
+        self._held = ""
+        self._detector = None

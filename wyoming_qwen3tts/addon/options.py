@@ -55,6 +55,7 @@ def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
         args += ["--voice", default_voice]
     if not options.get("streaming", True):
         args.append("--no-streaming")
+    args += ["--stream-text-by", str(options.get("stream_text_by", "words"))]
     zeroconf_name = str(options.get("zeroconf_name") or "").strip()
     if zeroconf_name:
         args += ["--zeroconf", zeroconf_name]

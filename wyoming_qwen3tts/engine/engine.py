@@ -14,7 +14,8 @@ import torch
 from .decode import ChunkSchedule
 from .generate import StopRules
 from .loader import LoadOptions, load_model, parameter_bytes, resolve_checkpoint, resolve_placement
-from .prompt import ClonePrompt, PresetSpeaker, VoiceSpec, build_prompt, resolve_language
+from .prompt import ClonePrompt, DualTrackPrompt, PresetSpeaker, VoiceSpec, build_prompt, resolve_language
+from .text_feed import TextFeed
 from .sampling import SamplingOptions
 from .utterance import AudioChunk, ModelRuntime, Utterance
 from .worker import EngineWorker, SynthesisJob
@@ -140,6 +141,11 @@ class SpeechEngine:
             raise ValueError("the Base model was not loaded from a folder")
         return checkpoint_identity(runtime.folder)
 
+    @staticmethod
+    def streams_text(voice: VoiceSpec) -> bool:
+        """Whether text can stream into this voice word by word (in-context clones need it whole)."""
+        return not (isinstance(voice, ClonePrompt) and not voice.x_vector_only)
+
     def _runtime_for(self, voice: VoiceSpec) -> ModelRuntime:
         return self._runtime(CUSTOM_VOICE if isinstance(voice, PresetSpeaker) else BASE)
 
@@ -176,7 +182,10 @@ class SpeechEngine:
             stop = replace(stop, max_frames=max(1, min(stop.max_frames, request.max_frames)))
         chunks = self.options.chunks
 
-        def make_utterance(text: str, segment: int) -> Utterance:
+        def make_utterance(text: str | TextFeed, segment: int) -> Utterance:
+            if isinstance(text, TextFeed):
+                prompt = DualTrackPrompt(runtime.wrapper, voice, language, request.instruct)
+                return Utterance(runtime, prompt, sampling, stop, chunks, segment=segment, feed=text)
             prompt = build_prompt(runtime.wrapper, text, voice, language, non_streaming, request.instruct)
             return Utterance(runtime, prompt, sampling, stop, chunks, segment=segment)
 

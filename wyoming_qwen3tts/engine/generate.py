@@ -112,6 +112,12 @@ class GenerationState:
     next_code0: torch.Tensor | None = None  # codebook-0 id of the next frame, [1]
     frames: int = 0
     finish_reason: str | None = None  # "eos", "cap" or "cancelled"
+    # The last frame's codes while its talker step waits for text that has not arrived yet.
+    pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    @property
+    def waiting_for_text(self) -> bool:
+        return self.pending is not None and not self.finished
 
     @property
     def finished(self) -> bool:
@@ -181,7 +187,8 @@ class FrameGenerator:
             else:
                 generator.manual_seed(sampling.seed)
         layers, kv_heads, head_dim = self._talker_dims
-        capacity = prompt.prefill.shape[1] + max_frames + 1
+        # Room for a typical sentence up front; the cache grows if an utterance runs longer.
+        capacity = prompt.prefill.shape[1] + min(max_frames, 512) + 1
         state = GenerationState(
             prompt=prompt,
             sampling=sampling,
@@ -220,31 +227,47 @@ class FrameGenerator:
         return codes
 
     def step(self, state: GenerationState) -> torch.Tensor | None:
-        """Generate the next frame: its 16 codes on the model's device, or None when finished."""
+        """Generate the next frame: its 16 codes on the model's device.
+
+        None when the utterance is finished, or while it waits for text (`waiting_for_text`).
+        """
         if state.finished:
             return None
-        code0 = state.next_code0
-        if int(code0.item()) == self.eos_id:
-            state.finish_reason = "eos"
-            return None
         with torch.inference_mode():
+            if state.pending is not None and not self._advance_talker(state):
+                return None
+            if state.frames >= state.max_frames:
+                state.finish_reason = "cap"
+                return None
+            code0 = state.next_code0
+            if int(code0.item()) == self.eos_id:
+                state.finish_reason = "eos"
+                return None
             rest = self._predict_rest(state, code0)
             frame = torch.cat([code0] + rest)
             state.frames += 1
             if state.frames >= state.max_frames:
                 state.finish_reason = "cap"
                 return frame
-            embeds = torch.cat(
-                [self.talker.get_input_embeddings()(code0).unsqueeze(1)]
-                + [self.predictor.model.codec_embedding[i](rest[i]).unsqueeze(1) for i in range(self.groups - 1)],
-                dim=1,
-            ).sum(1, keepdim=True)
-            text_track = state.prompt.text_track
-            step = state.frames - 1
-            embeds = embeds + (text_track[:, step : step + 1] if step < text_track.shape[1] else state.prompt.tts_pad)
-            state.last_hidden = self._talker_forward(state, embeds)
-            state.next_code0 = self._choose_code0(state, state.last_hidden, generated=state.frames)
+            state.pending = (code0, rest)
+            self._advance_talker(state)
         return frame
+
+    def _advance_talker(self, state: GenerationState) -> bool:
+        """Feed the last frame (and its text) to the talker; False while the text is missing."""
+        text = state.prompt.text_track.at(state.frames - 1)
+        if text is None:
+            return False
+        code0, rest = state.pending
+        embeds = torch.cat(
+            [self.talker.get_input_embeddings()(code0).unsqueeze(1)]
+            + [self.predictor.model.codec_embedding[i](rest[i]).unsqueeze(1) for i in range(self.groups - 1)],
+            dim=1,
+        ).sum(1, keepdim=True)
+        state.last_hidden = self._talker_forward(state, embeds + text)
+        state.next_code0 = self._choose_code0(state, state.last_hidden, generated=state.frames)
+        state.pending = None
+        return True
 
     def cancel(self, state: GenerationState) -> None:
         if not state.finished:

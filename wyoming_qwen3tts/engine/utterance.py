@@ -11,7 +11,8 @@ import torch
 
 from .decode import ChunkSchedule, StreamingCodecDecoder
 from .generate import FrameGenerator, StopRules
-from .prompt import TalkerPrompt
+from .prompt import DualTrackPrompt, TalkerPrompt
+from .text_feed import IncrementalTokenizer, TextFeed
 from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
@@ -80,25 +81,42 @@ def fade_out(audio: np.ndarray, samples: int) -> np.ndarray:
 
 
 class Utterance:
-    """Generates and decodes one prompt; `advance` does at most one frame of work."""
+    """Generates and decodes one segment; `advance` does at most one frame of work.
+
+    The prompt is either complete up front, or (dual-track streaming) built while the text
+    arrives through a `TextFeed`: generation starts with the first word and, at each step,
+    waits for the text token that step needs.
+    """
 
     def __init__(
         self,
         runtime: ModelRuntime,
-        prompt: TalkerPrompt,
+        prompt: TalkerPrompt | DualTrackPrompt,
         sampling: SamplingOptions,
         stop: StopRules,
         schedule: ChunkSchedule,
         fade_samples: int = 1920,
         segment: int = 0,
+        feed: TextFeed | None = None,
     ) -> None:
         self.runtime = runtime
-        self.prompt = prompt
         self.sampling = sampling
-        self.max_frames = stop.frame_cap(prompt.text_tokens)
+        self.stop = stop
         self.schedule = schedule
         self.fade_samples = fade_samples
         self.segment = segment
+        if isinstance(prompt, DualTrackPrompt):
+            if feed is None:
+                raise ValueError("a dual-track prompt needs the feed its text arrives through")
+            self._dual: DualTrackPrompt | None = prompt
+            self._feed = feed
+            self._tokens = IncrementalTokenizer(runtime.wrapper.processor.tokenizer)
+            self._text_complete = False
+            self.prompt: TalkerPrompt | None = None
+        else:
+            self._dual, self._feed, self._tokens = None, None, None
+            self._text_complete = True
+            self.prompt = prompt
         self._state = None
         self._decoder_state = None
         self._pending: list[torch.Tensor] = []
@@ -112,11 +130,24 @@ class Utterance:
 
     @property
     def finish_reason(self) -> str | None:
-        return None if self._state is None else self._state.finish_reason
+        if self._state is None:
+            return "empty" if self._text_complete and self.prompt is None else None
+        return self._state.finish_reason
 
     @property
     def finished(self) -> bool:
-        return self._state is not None and self._state.finished and not self._pending
+        if self._state is None:
+            return self._text_complete and self.prompt is None
+        return self._state.finished and not self._pending
+
+    @property
+    def waiting_for_text(self) -> bool:
+        """Blocked until more text (or its end) arrives; taking turns would only spin."""
+        if self._feed is None or self._text_complete or self._feed.has_news:
+            return False
+        if self._state is None:
+            return self.prompt is None
+        return self._state.waiting_for_text
 
     def cancel(self) -> None:
         if self._state is not None:
@@ -125,17 +156,33 @@ class Utterance:
 
     def advance(self) -> AudioChunk | None:
         """Prefill, or generate one frame; return a chunk when one is complete."""
+        if self._feed is not None and not self._text_complete:
+            self._take_text()
         if self._state is None:
-            self._start()
+            if self.prompt is not None:
+                self._start()
             return None
         if self._state.finished:
             return self._flush() if self._pending else None
         frame = self.runtime.frames.step(self._state)
         if frame is not None:
             self._pending.append(frame)
-        if self._state.finished or len(self._pending) >= self.schedule.frames_in_chunk(self._chunks):
-            return self._flush() if self._pending else None
+        full = len(self._pending) >= self.schedule.frames_in_chunk(self._chunks)
+        if self._pending and (self._state.finished or full):
+            return self._flush()
         return None
+
+    def _take_text(self) -> None:
+        text, finished = self._feed.take()
+        if not text and not finished:
+            return
+        self._dual.add_tokens(self._tokens.push(text, finished=finished))
+        self.prompt = self._dual.prompt
+        if finished:
+            self._dual.finish()
+            self._text_complete = True
+            if self._state is not None:
+                self._state.max_frames = max(self.frames, self.stop.frame_cap(self.prompt.text_tokens))
 
     def _start(self) -> None:
         runtime = self.runtime
@@ -143,7 +190,8 @@ class Utterance:
         if self.prompt.ref_codes is not None:
             # A cloned voice's audio continues its reference: decode that first, as context.
             runtime.decoder.decode(self._decoder_state, self.prompt.ref_codes)
-        self._state = runtime.frames.start(self.prompt, self.sampling, self.max_frames)
+        max_frames = self.stop.frame_cap(self.prompt.text_tokens) if self._text_complete else self.stop.max_frames
+        self._state = runtime.frames.start(self.prompt, self.sampling, max_frames)
 
     def _flush(self) -> AudioChunk:
         codes = torch.stack(self._pending)

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .text_feed import TextFeed
 from .utterance import AudioChunk, Utterance
 
 _LOGGER = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class JobCancelled(Exception):
     """The job was cancelled before it finished."""
 
 
-# Builds the utterance for one text segment; runs on the worker thread (it touches the model).
-UtteranceFactory = Callable[[str, int], Utterance]
+# Builds the utterance for one segment (its text, or the feed it streams in through) and its
+# index; runs on the worker thread (it touches the model).
+UtteranceFactory = Callable[[str | TextFeed, int], Utterance]
 
 
 class SynthesisJob:
@@ -71,7 +73,8 @@ class SynthesisJob:
         self._make_utterance = make_utterance
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._segments: deque[str] = deque()
+        self._segments: deque[str | TextFeed] = deque()
+        self._open: TextFeed | None = None  # the segment text is streaming into
         self._segment_count = 0
         self._closed = False
         self._cancelled = False
@@ -88,13 +91,38 @@ class SynthesisJob:
         with self._worker.condition:
             if self._closed:
                 raise RuntimeError("add_text() after finish()")
+            self._close_open_segment()
             self._segments.append(text)
             self.stats.characters += len(text)
             self._worker.condition.notify()
 
+    def append_text(self, piece: str) -> None:
+        """Stream text into the open segment (dual track): speech starts with its first word."""
+        with self._worker.condition:
+            if self._closed:
+                raise RuntimeError("append_text() after finish()")
+            if self._open is None:
+                self._open = TextFeed()
+                self._segments.append(self._open)
+            self._open.append(piece)
+            self.stats.characters += len(piece)
+            self._worker.condition.notify()
+
+    def close_segment(self) -> None:
+        """End the open segment: its speech finishes, later text starts a new one."""
+        with self._worker.condition:
+            self._close_open_segment()
+            self._worker.condition.notify()
+
+    def _close_open_segment(self) -> None:
+        if self._open is not None:
+            self._open.finish()
+            self._open = None
+
     def finish(self) -> None:
         """No more text will come; the job ends once the queued segments are spoken."""
         with self._worker.condition:
+            self._close_open_segment()
             self._closed = True
             self._worker.condition.notify()
 
@@ -131,7 +159,11 @@ class SynthesisJob:
     def runnable(self) -> bool:
         if self._done:
             return False
-        return self._cancelled or self.current is not None or bool(self._segments) or self._closed
+        if self._cancelled:
+            return True
+        if self.current is not None:
+            return not self.current.waiting_for_text
+        return bool(self._segments) or self._closed
 
     def _post(self, item) -> None:
         try:
@@ -148,7 +180,7 @@ class SynthesisJob:
         self._segments.clear()
         self._post(item)
 
-    def _take_work(self) -> tuple[str, int] | None:
+    def _take_work(self) -> tuple[str | TextFeed, int] | None:
         """The next piece of work as (kind, segment); ends the job when nothing is left."""
         if self._cancelled:
             self._end(JobCancelled(f"job {self.id} cancelled"))
@@ -163,7 +195,7 @@ class SynthesisJob:
             return text, index
         return None
 
-    def _run_once(self, work: tuple[str, int] | None) -> None:
+    def _run_once(self, work: tuple[str | TextFeed, int] | None) -> None:
         """One unit of model work; called without the lock."""
         if work is not None:
             text, index = work
@@ -258,7 +290,7 @@ class EngineWorker:
         except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
             future.set_exception(err)
 
-    def _run_job(self, job: SynthesisJob, work: tuple[str, int] | None) -> None:
+    def _run_job(self, job: SynthesisJob, work: tuple[str | TextFeed, int] | None) -> None:
         try:
             job._run_once(work)
         except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others

@@ -50,6 +50,7 @@ def handler_config(engine: SpeechEngine, catalog: VoiceCatalog, settings: Settin
         max_text_chars=settings.max_text_chars,
         limits=settings.limits,
         request=settings.request,
+        stream_text_by=settings.stream_text_by,
     )
 
 

@@ -22,7 +22,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from ..engine.engine import RequestOptions, SpeechEngine
 from ..engine.utterance import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
 from ..engine.worker import JobCancelled, SynthesisJob
-from ..text import TextSegmenter, split_text
+from ..text import TextSegmenter, WordStreamSegmenter, split_text
 from ..voices import Voice, VoiceCatalog
 from .events import EventLimits, ProtocolError, read_event
 from .info import PROGRAM_NAME
@@ -42,6 +42,7 @@ class HandlerConfig:
     max_text_chars: int = 20_000
     limits: EventLimits = EventLimits()
     request: RequestOptions = RequestOptions()
+    stream_text_by: str = "words"  # streamed text enters the model: "words" (dual track) or "sentences"
 
 
 @dataclass
@@ -49,8 +50,26 @@ class _TextStream:
     """A streaming synthesis in progress (synthesize-start .. synthesize-stop)."""
 
     job: SynthesisJob
-    segmenter: TextSegmenter
+    segmenter: TextSegmenter | WordStreamSegmenter
     chars: int = 0
+
+    def feed(self, text: str) -> None:
+        self._apply(self.segmenter.add(text))
+
+    def end(self) -> None:
+        self._apply(self.segmenter.finish())
+        self.job.finish()
+
+    def _apply(self, output) -> None:
+        if isinstance(self.segmenter, WordStreamSegmenter):
+            for piece, close in output:
+                if piece:
+                    self.job.append_text(piece)
+                if close:
+                    self.job.close_segment()
+        else:
+            for segment in output:
+                self.job.add_text(segment)
 
 
 class TtsEventHandler(AsyncEventHandler):
@@ -174,7 +193,8 @@ class TtsEventHandler(AsyncEventHandler):
         if voice is None:
             return False
         job = self._start_job(voice)
-        self._stream = _TextStream(job=job, segmenter=TextSegmenter())
+        by_words = self.config.stream_text_by == "words" and self.config.engine.streams_text(voice.spec)
+        self._stream = _TextStream(job=job, segmenter=WordStreamSegmenter() if by_words else TextSegmenter())
         self._speak(job, voice, streaming=True)
         return True
 
@@ -188,8 +208,7 @@ class TtsEventHandler(AsyncEventHandler):
             return await self._refuse(
                 f"Streamed text is over the limit of {self.config.max_text_chars} characters", "text-too-long"
             )
-        for segment in stream.segmenter.add(text):
-            stream.job.add_text(segment)
+        stream.feed(text)
         return True
 
     async def _stop_stream(self) -> bool:
@@ -197,9 +216,7 @@ class TtsEventHandler(AsyncEventHandler):
         if stream is None:
             await self.write_event(SynthesizeStopped().event())
             return True
-        for segment in stream.segmenter.finish():
-            stream.job.add_text(segment)
-        stream.job.finish()
+        stream.end()
         self._stream = None
         return True
 
