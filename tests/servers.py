@@ -17,7 +17,7 @@ from wyoming.event import Event
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.http_api.server import HttpApiServer
-from wyoming_qwen3tts.server.app import WyomingTtsServer, build_catalog, clone_entries
+from wyoming_qwen3tts.server.app import WyomingTtsServer, build_catalog, clone_entries, prepare
 from wyoming_qwen3tts.voices import VoiceCatalog
 from wyoming_qwen3tts.settings import Settings
 
@@ -31,7 +31,7 @@ def free_port() -> int:
 class ServerThread:
     """Starts a WyomingTtsServer on its own loop; `stop()` shuts it down."""
 
-    def __init__(self, settings: Settings, engine: SpeechEngine, catalog: VoiceCatalog | None = None) -> None:
+    def __init__(self, settings: Settings, engine: SpeechEngine | None = None, catalog: VoiceCatalog | None = None) -> None:
         self.port = free_port()
         self.settings = dataclasses.replace(settings, uri=f"tcp://127.0.0.1:{self.port}")
         self.engine = engine
@@ -47,7 +47,11 @@ class ServerThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        catalog = self.catalog or await build_catalog(self.engine, self.settings, clone_entries(self.settings))
+        owns_engine = self.engine is None
+        if owns_engine:  # e.g. a remote engine, whose HTTP session must live on this loop
+            self.engine, catalog = await prepare(self.settings)
+        else:
+            catalog = self.catalog or await build_catalog(self.engine, self.settings, clone_entries(self.settings))
         self.server = WyomingTtsServer(self.settings, self.engine, catalog)
         await self.server.start()
         self.http = None
@@ -59,10 +63,16 @@ class ServerThread:
         await self.server.stop()
         if self.http is not None:
             await self.http.stop()
+        if owns_engine:
+            await self.engine.aclose()
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http.port}"
 
     def client(self) -> AsyncTcpClient:
         return AsyncTcpClient("127.0.0.1", self.port)

@@ -218,6 +218,16 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     ]
 
 
+def test_run_sh_passes_a_remote_engine_with_its_replicas(tmp_path):
+    options = {**CONFIG["options"], "engine": "remote", "remote_urls": ["http://gpu-a:8091", "http://gpu-b:8091"], "remote_api_key": "k"}
+    result = run_sh(tmp_path, options)
+    assert result.returncode == 0, result.stderr
+    settings = Settings.from_args(result.stdout.splitlines(), {})
+    assert settings.remote.urls == ("http://gpu-a:8091", "http://gpu-b:8091") and settings.remote.api_key == "k"
+    empty = run_sh(tmp_path, {**CONFIG["options"], "engine": "remote"})
+    assert empty.returncode != 0 and "'remote_urls' is empty" in empty.stderr
+
+
 def test_run_sh_stops_with_a_clear_message_for_an_empty_custom_model(tmp_path):
     result = run_sh(tmp_path, {**CONFIG["options"], "model": "custom", "custom_model": ""})
     assert result.returncode != 0

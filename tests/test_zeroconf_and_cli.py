@@ -138,6 +138,13 @@ def test_flags_can_come_from_the_environment_and_the_command_line_wins():
     assert settings.models_dir == settings.data_dir / "models"
 
 
+def test_remote_replicas_come_from_repeated_flags_or_a_comma_separated_variable():
+    flags = Settings.from_args(["--engine", "remote", "--remote-url", "http://a:1", "--remote-url", "http://b:2"], {})
+    env = Settings.from_args([], {"QWEN3TTS_ENGINE": "remote", "QWEN3TTS_REMOTE_URL": "http://a:1, http://b:2"})
+    assert flags.remote.urls == env.remote.urls == ("http://a:1", "http://b:2")
+    assert Settings.from_args([], {}).remote is None
+
+
 def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
     settings = Settings.from_args([], {})
     assert settings.uri == "tcp://0.0.0.0:10200"
@@ -151,6 +158,8 @@ def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
         (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
         ([], {"QWEN3TTS_DEVICE": "tpu"}, "device must be one of"),
         (["--first-chunk-frames", "0"], {}, "at least 1"),
+        (["--engine", "remote"], {}, "needs at least one --remote-url"),
+        (["--engine", "remote", "--remote-url", "gpu-box:8091"], {}, "must start with http://"),
     ],
 )
 def test_wrong_options_exit_with_a_message(argv, environ, message, capsys):

@@ -14,12 +14,12 @@ A broken entry is logged with its name and the reason, and skipped; the others s
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .clone_cache import ClonePrompts
 from .reference_audio import ReferenceAudio, ReferenceAudioError, read_reference
 from .voices import LANGUAGE_CODES, Voice, language_label, ordered_codes
 
@@ -139,13 +139,18 @@ def check_entries(entries: list[CloneEntry], reserved: list[str], languages: lis
     return samples
 
 
-async def build_clone_voices(samples: list[CloneSample], prompts: ClonePrompts, languages: list[str]) -> list[Voice]:
-    """Voices for the checked samples, with prompts from the cache or computed (then cached)."""
+# Gives a checked sample its voice spec: a clone prompt (local engine) or the sample itself
+# (remote engine); the flag says whether a prompt had to be computed.
+SpecMaker = Callable[[CloneSample], Awaitable[tuple[object, bool]]]
+
+
+async def build_clone_voices(samples: list[CloneSample], spec_for: SpecMaker, languages: list[str]) -> list[Voice]:
+    """Voices for the checked samples."""
     voices = []
     for sample in samples:
         entry = sample.entry
         try:
-            prompt, computed = await prompts.get(sample.audio_bytes, sample.audio, entry.transcript)
+            spec, computed = await spec_for(sample)
         except Exception as err:  # noqa: BLE001 - one voice must not stop the others
             _LOGGER.error("Voice %r skipped: computing its clone prompt failed (%s)", entry.name, err)
             continue
@@ -157,7 +162,7 @@ async def build_clone_voices(samples: list[CloneSample], prompts: ClonePrompts, 
                 name=entry.name,
                 description=f"{entry.name} — {label}",
                 languages=ordered_codes(None if entry.language == "auto" else entry.language, languages),
-                spec=prompt,
+                spec=spec,
                 language=entry.language,
             )
         )

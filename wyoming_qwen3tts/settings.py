@@ -19,6 +19,7 @@ from .engine.decode import ChunkSchedule
 from .engine.engine import EngineOptions, RequestOptions
 from .engine.generate import StopRules
 from .engine.loader import ATTENTIONS, DEVICES, DTYPES, LoadOptions
+from .remote.engine import RemoteOptions
 from .server.events import EventLimits
 
 ENV_PREFIX = "QWEN3TTS_"
@@ -59,6 +60,7 @@ class Settings:
     http_api_key: str | None = None
     http_clones: bool = False  # load the Base model for one-off clones over HTTP
     http_max_body_bytes: int = 25 << 20  # uploads included
+    remote: RemoteOptions | None = None  # set: speech comes from remote servers, no local model
 
     @property
     def models_dir(self) -> Path:
@@ -126,6 +128,25 @@ class Settings:
             http_host=args.http_host,
             http_api_key=args.http_api_key or None,
             http_clones=args.http_clones,
+            remote=cls._remote(args),
+        )
+
+    @staticmethod
+    def _remote(args: argparse.Namespace) -> RemoteOptions | None:
+        if args.engine == "local":
+            return None
+        urls = tuple(url.strip() for value in args.remote_url or [] for url in value.split(",") if url.strip())
+        if not urls:
+            raise ValueError("--engine remote needs at least one --remote-url")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--remote-url {url!r} must start with http:// or https://")
+        return RemoteOptions(
+            urls=urls,
+            api_key=args.remote_api_key or None,
+            model=args.remote_model or None,
+            connect_timeout=args.remote_connect_timeout,
+            first_byte_timeout=args.remote_first_byte_timeout,
         )
 
 
@@ -161,6 +182,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help=f"announce the server by zeroconf, under NAME (default: {DEFAULT_ZEROCONF_NAME})",
     )
     option("--zeroconf-host", help="address to announce (default: this host's LAN address)")
+    option("--engine", "local", choices=("local", "remote"), help="local: run the model here; remote: use OpenAI-compatible speech servers (vLLM-Omni)")
+    remote_urls = environ.get(_env_name("--remote-url"))
+    parser.add_argument(
+        "--remote-url",
+        action="append",
+        default=[remote_urls] if remote_urls else None,
+        help="base URL of a remote speech server, e.g. http://gpu-box:8091 (repeat for replicas; the environment variable takes a comma-separated list)",
+    )
+    option("--remote-api-key", help="API key for the remote servers")
+    option("--remote-model", help="model name to send to the remote servers (default: the first they list)")
+    option("--remote-connect-timeout", 5.0, type=float, help="seconds to connect to a remote server")
+    option("--remote-first-byte-timeout", 60.0, type=float, help="seconds to wait for a remote server's first audio")
     option("--model", DEFAULT_MODEL, help="CustomVoice checkpoint: Hugging Face id or local folder")
     option("--clone-model", DEFAULT_CLONE_MODEL, help="Base checkpoint for voice clones (loaded only when clones are configured)")
     option("--device", "auto", choices=DEVICES, help="auto = CUDA when available, else CPU")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .engine.engine import SpeechEngine
 from .engine.prompt import PresetSpeaker, VoiceSpec
 
 # Language names as the package spells them -> BCP 47 codes, as Home Assistant matches them.
@@ -76,12 +75,12 @@ def ordered_codes(native: str | None, languages: list[str]) -> list[str]:
     return codes
 
 
-def preset_voices(engine: SpeechEngine) -> list[Voice]:
+def preset_voices(engine) -> list[Voice]:
     """Voices for the CustomVoice checkpoint's speakers, in the checkpoint's order."""
     languages = [name for name in engine.languages if name != "auto"]
     voices = []
     for speaker in engine.speakers:
-        native = engine.speaker_dialect(speaker) or NATIVE_LANGUAGE.get(speaker)
+        native = engine.speaker_dialect(speaker) or NATIVE_LANGUAGE.get(speaker.lower())
         label = language_label(native) if native else "multilingual"
         voices.append(
             Voice(

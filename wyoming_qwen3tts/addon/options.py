@@ -50,6 +50,17 @@ def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
         "--voices-dir", VOICES_DIR,
         "--log-level", str(options.get("log_level", "info")),
     ]
+    if options.get("engine", "local") == "remote":
+        urls = [str(url).strip() for url in options.get("remote_urls") or [] if str(url).strip()]
+        if not urls:
+            raise OptionsError("'engine' is 'remote' but 'remote_urls' is empty: add the speech servers' URLs")
+        args += ["--engine", "remote"]
+        for url in urls:
+            args += ["--remote-url", url]
+        for key, flag in (("remote_api_key", "--remote-api-key"), ("remote_model", "--remote-model")):
+            value = str(options.get(key) or "").strip()
+            if value:
+                args += [flag, value]
     default_voice = str(options.get("default_voice") or "").strip()
     if default_voice:
         args += ["--voice", default_voice]

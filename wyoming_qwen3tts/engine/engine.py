@@ -105,6 +105,13 @@ class SpeechEngine:
     def close(self) -> None:
         self.worker.stop()
 
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    @property
+    def active_jobs(self) -> int:
+        return self.worker.active_jobs
+
     # What the models offer.
 
     @property

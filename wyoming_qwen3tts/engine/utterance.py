@@ -28,13 +28,16 @@ class AudioChunk:
     """A piece of an utterance's audio: float32 at 24 kHz, mono."""
 
     audio: np.ndarray
-    codes: np.ndarray  # [frames, 16] codec frames this audio was decoded from
-    first_frame: int  # index of this chunk's first frame within its utterance
+    codes: np.ndarray | None = None  # [frames, 16] codec frames it was decoded from (local engine)
+    first_frame: int = 0  # index of this chunk's first frame within its utterance
     segment: int = 0  # which text segment of the request
 
     @property
     def frames(self) -> int:
-        return int(self.codes.shape[0])
+        """80 ms frames in this chunk."""
+        if self.codes is not None:
+            return int(self.codes.shape[0])
+        return round(len(self.audio) / (SAMPLE_RATE * 0.08))
 
     @property
     def seconds(self) -> float:

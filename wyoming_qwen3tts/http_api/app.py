@@ -346,7 +346,7 @@ class SpeechApi:
         )
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "version": __version__, "active_requests": self.engine.worker.active_jobs})
+        return web.json_response({"status": "ok", "version": __version__, "active_requests": self.engine.active_jobs})
 
 
 def create_app(api: SpeechApi) -> web.Application:

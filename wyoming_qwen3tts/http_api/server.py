@@ -26,7 +26,9 @@ class HttpApiServer:
             max_reference_bytes=min(16 << 20, settings.http_max_body_bytes),
             voices_dir=settings.samples_dir,
         )
-        prompts = ClonePrompts(engine, ClonePromptCache(settings.clone_cache_dir)) if engine.can_clone else None
+        # One-off clones need the local Base model; a remote engine serves presets here.
+        local_clones = isinstance(engine, SpeechEngine) and engine.can_clone
+        prompts = ClonePrompts(engine, ClonePromptCache(settings.clone_cache_dir)) if local_clones else None
         self.app = create_app(SpeechApi(engine, catalog, self.options, prompts, settings.request))
         self._runner: web.AppRunner | None = None
         self.port: int | None = None

@@ -14,6 +14,7 @@ from ..engine.engine import SpeechEngine
 from ..settings import Settings
 from ..clone_cache import ClonePromptCache, ClonePrompts
 from ..clone_voices import CloneEntry, build_clone_voices, check_entries, parse_entries, read_voices_file
+from ..remote.engine import RemoteClone, RemoteEngine
 from ..voices import Voice, VoiceCatalog, preset_voices
 from .discovery import announce
 from .handler import HandlerConfig, TtsEventHandler
@@ -30,14 +31,29 @@ def clone_entries(settings: Settings) -> list[CloneEntry]:
     return entries
 
 
-async def build_catalog(engine: SpeechEngine, settings: Settings, entries: list[CloneEntry]) -> VoiceCatalog:
+def _clone_specs(engine, settings: Settings):
+    """How a checked clone sample becomes a voice spec for this engine."""
+    if isinstance(engine, RemoteEngine):
+
+        async def remote(sample):
+            return RemoteClone.from_sample(sample.audio_bytes, sample.entry.audio, sample.entry.transcript), False
+
+        return remote
+    prompts = ClonePrompts(engine, ClonePromptCache(settings.clone_cache_dir))
+
+    async def local(sample):
+        return await prompts.get(sample.audio_bytes, sample.audio, sample.entry.transcript)
+
+    return local
+
+
+async def build_catalog(engine, settings: Settings, entries: list[CloneEntry]) -> VoiceCatalog:
     presets = preset_voices(engine)
     clones: list[Voice] = []
     if entries and engine.can_clone:
         languages = [name for name in engine.languages if name != "auto"]
         samples = check_entries(entries, [voice.name for voice in presets], engine.languages)
-        prompts = ClonePrompts(engine, ClonePromptCache(settings.clone_cache_dir))
-        clones = await build_clone_voices(samples, prompts, languages)
+        clones = await build_clone_voices(samples, _clone_specs(engine, settings), languages)
         _LOGGER.info("Clone voices: %s", ", ".join(v.name for v in clones) if clones else "none usable")
     return VoiceCatalog(presets + clones, default=settings.default_voice)
 
@@ -86,9 +102,13 @@ class WyomingTtsServer:
         await self._server.stop()
 
 
-async def prepare(settings: Settings) -> tuple[SpeechEngine, VoiceCatalog]:
-    """Load the models and build the voice catalog (clone prompts from cache, or computed)."""
+async def prepare(settings: Settings):
+    """Load the models (or reach the remote servers) and build the voice catalog."""
     entries = clone_entries(settings)
+    if settings.remote is not None:
+        engine = RemoteEngine(settings.remote)
+        await engine.connect()
+        return engine, await build_catalog(engine, settings, entries)
     # The Base model is only needed (and only loaded) for clone voices, configured or one-off.
     wants_clones = bool(entries) or (settings.http_port is not None and settings.http_clones)
     engine = await asyncio.to_thread(SpeechEngine.load, settings.engine_options(with_clone_model=wants_clones))
@@ -123,4 +143,4 @@ async def serve(settings: Settings) -> None:
     finally:
         for server in servers:
             await server.stop()
-        engine.close()
+        await engine.aclose()
