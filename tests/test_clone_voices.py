@@ -17,7 +17,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from conftest import voice_like_sample
 from servers import ServerThread, is_one_audio_cycle, read_until
 
-from wyoming_qwen3tts.clone_cache import ClonePromptCache, checkpoint_identity
+from wyoming_qwen3tts.clone_cache import checkpoint_identity
 from wyoming_qwen3tts.engine.engine import RequestOptions, SpeechEngine
 from wyoming_qwen3tts.engine.generate import StopRules
 from wyoming_qwen3tts.engine.prompt import ClonePrompt

@@ -200,7 +200,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     expect_error(lambda: speech(model="x", voice="ryan", input=SHORT, speed=1.5), 400, "speed")
     expect_error(lambda: speech(model="x", voice="ryan", input="   "), 400, "'input' is empty")
     for path in ("../outside.wav", str(server.settings.voices_dir.parent / "outside.wav"), "/etc/passwd", "escape.wav", "file:///etc/passwd"):
-        body = expect_error(lambda: speech(model="x", voice="x", input=SHORT, extra_body={"reference_audio": path}), 403, "outside the voices folder")
+        body = expect_error(lambda path=path: speech(model="x", voice="x", input=SHORT, extra_body={"reference_audio": path}), 403, "outside the voices folder")
         assert body["type"] == "permission_error"
     expect_error(lambda: speech(model="x", voice="x", input=SHORT, extra_body={"reference_audio": "missing.wav"}), 400, "no file")
     expect_error(lambda: speech(model="x", voice="x", input=SHORT, extra_body={"reference_audio": "https://example.com/a.wav"}), 400, "URLs are not fetched")

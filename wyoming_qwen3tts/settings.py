@@ -46,7 +46,6 @@ class Settings:
     default_voice: str | None = None
     voices_file: Path | None = None  # YAML with clone voices
     voices_dir: Path | None = None  # where relative sample paths point; default: the file's folder
-    clone_voices: tuple[dict, ...] = ()  # clone entries given directly (the add-on's options)
     streaming: bool = True
     stream_text_by: str = "words"  # "words": dual-track streaming; "sentences": sentence by sentence
     max_text_chars: int = 20_000
@@ -114,7 +113,12 @@ class Settings:
             data_dir=Path(args.data_dir),
             model=args.model,
             clone_model=args.clone_model,
-            load=LoadOptions(device=args.device, dtype=args.dtype, attention=args.attention),
+            load=LoadOptions(
+                device=args.device,
+                dtype=args.dtype,
+                attention=args.attention,
+                text_embedding_on_cpu=args.text_embedding_on_cpu,
+            ),
             default_voice=args.voice or None,
             voices_file=Path(args.voices) if args.voices else None,
             voices_dir=Path(args.voices_dir) if args.voices_dir else None,
@@ -199,6 +203,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option("--device", "auto", choices=DEVICES, help="auto = CUDA when available, else CPU")
     option("--dtype", "auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
     option("--attention", "auto", choices=ATTENTIONS, help="auto = FlashAttention 2 when usable, else sdpa")
+    switch(
+        "--text-embedding-on-cpu",
+        "keep the text embedding (311 M parameters at 0.6B) in CPU memory: frees about 0.6 GB of GPU memory per model",
+    )
     option("--data-dir", "data", help="folder for downloaded models and caches")
     option("--voice", help="default voice when a request names none (default: the first preset speaker)")
     option("--voices", help="YAML file of clone voices: a list of {name, audio, transcript, language}")

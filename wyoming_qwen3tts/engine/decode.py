@@ -65,7 +65,6 @@ class StreamingCodecDecoder:
         )
 
         self.decoder = decoder
-        self.samples_per_frame = int(decoder.total_upsample)
         self._active: DecoderState | None = None
         for module in decoder.modules():
             if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):

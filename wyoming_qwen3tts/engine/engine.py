@@ -80,7 +80,7 @@ class SpeechEngine:
             if not name:
                 continue
             folder = resolve_checkpoint(name, options.models_dir)
-            wrapper = load_model(folder, placement)
+            wrapper = load_model(folder, placement, options.load.text_embedding_on_cpu)
             kind = wrapper.model.tts_model_type
             if kind != role:
                 raise ValueError(f"{name} is a {kind} checkpoint, but the {role} model is expected here")
@@ -93,13 +93,17 @@ class SpeechEngine:
                     _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
             runtimes[role] = ModelRuntime.create(wrapper, decoder, folder)
             _LOGGER.info(
-                "Loaded %s (%s) on %s as %s: %.0f MiB of weights",
+                "Loaded %s (%s) on %s as %s: %.0f MiB of model weights, %.0f MiB of codec%s",
                 name,
                 kind,
                 placement.device,
                 str(placement.dtype).removeprefix("torch."),
                 parameter_bytes(wrapper.model) / 2**20,
+                0 if decoder is not None else parameter_bytes(wrapper.model.speech_tokenizer.model) / 2**20,
+                " (shared)" if decoder is not None else "",
             )
+            if placement.device.type == "cuda":
+                _LOGGER.info("GPU memory in use: %.0f MiB", torch.cuda.memory_allocated(placement.device) / 2**20)
         return cls(runtimes, options)
 
     def close(self) -> None:

@@ -46,6 +46,9 @@ class LoadOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+    # Keep the talker's text embedding (311 M parameters at 0.6B) in CPU memory: it is only
+    # read while building a prompt, never per frame, so a 4 GB card can hold both models.
+    text_embedding_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in DEVICES:
@@ -162,7 +165,34 @@ def resolve_checkpoint(model: str, models_dir: Path, offline: bool | None = None
     return folder
 
 
-def load_model(folder: Path, placement: Placement) -> "Qwen3TTSModel":
+class CpuEmbedding(torch.nn.Module):
+    """An embedding table held in CPU memory whose lookups come back on the model's device."""
+
+    def __init__(self, embedding: torch.nn.Embedding, device: torch.device) -> None:
+        super().__init__()
+        self.embedding = embedding.to("cpu")
+        self.output_device = device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids.to("cpu")).to(self.output_device)
+
+
+def keep_text_embedding_on_cpu(wrapper: "Qwen3TTSModel") -> int:
+    """Move the talker's text embedding to CPU memory; returns the bytes it frees on the device."""
+    talker_model = wrapper.model.talker.model
+    embedding = talker_model.text_embedding
+    if isinstance(embedding, CpuEmbedding):
+        return 0
+    freed = embedding.weight.numel() * embedding.weight.element_size() if embedding.weight.device.type != "cpu" else 0
+    talker_model.text_embedding = CpuEmbedding(embedding, wrapper.model.talker.device)
+    return freed
+
+
+def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool = False) -> "Qwen3TTSModel":
     """Load a checkpoint folder with the official `Qwen3TTSModel.from_pretrained`."""
     qwen_tts = import_qwen_tts()
     wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
@@ -177,6 +207,11 @@ def load_model(folder: Path, placement: Placement) -> "Qwen3TTSModel":
         # CPUs have no fast reduced-precision convolutions: keep the codec in float32.
         codec.to(torch.float32)
     codec.eval()
+    if text_embedding_on_cpu:
+        freed = keep_text_embedding_on_cpu(wrapper)
+        _LOGGER.info("Text embedding kept in CPU memory (%.0f MiB freed on %s)", freed / 2**20, placement.device)
+        if placement.device.type == "cuda":
+            torch.cuda.empty_cache()
     return wrapper
 
 

@@ -12,7 +12,7 @@ import base64
 import hmac
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class SpeechRequest:
     x_vector_only: bool = False
     max_new_tokens: int | None = None
     non_streaming_mode: bool | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _field(body: dict, *names: str, default=None):

@@ -13,7 +13,7 @@ from wyoming.server import AsyncServer, AsyncTcpServer
 from ..engine.engine import SpeechEngine
 from ..settings import Settings
 from ..clone_cache import ClonePromptCache, ClonePrompts
-from ..clone_voices import CloneEntry, build_clone_voices, check_entries, parse_entries, read_voices_file
+from ..clone_voices import CloneEntry, build_clone_voices, check_entries, read_voices_file
 from ..remote.engine import RemoteClone, RemoteEngine
 from ..voices import Voice, VoiceCatalog, preset_voices
 from .discovery import announce
@@ -24,11 +24,10 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def clone_entries(settings: Settings) -> list[CloneEntry]:
-    """Clone voices from the voices file and from settings given directly (add-on options)."""
-    entries = list(parse_entries(list(settings.clone_voices), settings.samples_dir, "options"))
-    if settings.voices_file is not None:
-        entries += read_voices_file(settings.voices_file, settings.samples_dir)
-    return entries
+    """Clone voices from the voices file (a YAML file, or the add-on's options.json)."""
+    if settings.voices_file is None:
+        return []
+    return read_voices_file(settings.voices_file, settings.samples_dir)
 
 
 def _clone_specs(engine, settings: Settings):
@@ -78,7 +77,7 @@ class WyomingTtsServer:
         self.engine = engine
         self.config = handler_config(engine, catalog, settings)
         self._server = AsyncServer.from_uri(settings.uri)
-        self._zeroconf = None
+        self._zeroconf = None  # held so the announcement lives as long as the server
 
     async def start(self) -> None:
         """Listen and announce, without blocking."""

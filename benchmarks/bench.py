@@ -1,0 +1,296 @@
+"""Speed and memory of the streaming engine, side by side with the stock qwen-tts path.
+
+    python benchmarks/bench.py --checkpoint CKPT [--frames 125] [--concurrency 1,2,4,8]
+
+CKPT is a checkpoint folder (a random-weight one from `python -m
+wyoming_qwen3tts.dev.tiny_checkpoint OUT --size tiny|real-0.6b`). Random weights stop at random
+or never, so the end-of-speech code is switched off for both paths and every utterance is
+exactly --frames frames long (125 frames = 10 s of audio).
+
+Measured in one run, on one machine:
+* stock: `Qwen3TTSModel.generate_custom_voice` total time and frames per second;
+* ours, through the Wyoming server over TCP: time from the `synthesize` event to the first
+  PCM chunk, frames per second and real-time factor, at each concurrency;
+* memory after loading (RSS, and CUDA memory on a GPU).
+Prints a table and writes BENCHMARKS.md (or --output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
+from wyoming_qwen3tts.engine.generate import StopRules
+from wyoming_qwen3tts.engine.loader import LoadOptions, parameter_bytes
+from wyoming_qwen3tts.server.app import WyomingTtsServer, build_catalog
+from wyoming_qwen3tts.settings import Settings
+
+# One sentence: both paths generate it as one utterance.
+TEXT = (
+    "Good evening, the living room lights are dimmed, the front door is locked and the "
+    "heating will keep the house at twenty one degrees until tomorrow morning."
+)
+FRAME_SECONDS = 0.08
+
+
+@dataclass
+class StreamResult:
+    first_audio: float  # seconds from synthesize to the first audio chunk
+    total: float
+    audio_seconds: float
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.audio_seconds / FRAME_SECONDS / self.total
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def silence_end_of_speech(engine: SpeechEngine) -> None:
+    """Random weights stop at random: make every utterance run to the frame cap."""
+    for runtime in engine.runtimes.values():
+        talker = runtime.wrapper.model.talker
+        head = talker.codec_head
+        bias = torch.zeros(head.out_features, device=head.weight.device, dtype=head.weight.dtype)
+        bias[runtime.wrapper.model.config.talker_config.codec_eos_token_id] = -1e4
+        head.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+
+class ServerThread:
+    """The Wyoming server on its own event loop, as Home Assistant would reach it."""
+
+    def __init__(self, engine: SpeechEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        ready = threading.Event()
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self.stop_event = asyncio.Event()
+            catalog = await build_catalog(engine, settings, [])
+            server = WyomingTtsServer(settings, engine, catalog)
+            await server.start()
+            ready.set()
+            await self.stop_event.wait()
+            await server.stop()
+
+        self.thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+        self.thread.start()
+        ready.wait(60)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(10)
+
+
+async def one_stream(port: int, voice: str) -> StreamResult:
+    from wyoming.audio import AudioChunk
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        started = time.perf_counter()
+        await client.write_event(Synthesize(text=TEXT, voice=SynthesizeVoice(name=voice)).event())
+        first, samples = None, 0
+        while True:
+            event = await client.read_event()
+            if event is None or event.type == "error":
+                raise RuntimeError(f"synthesis failed: {event}")
+            if AudioChunk.is_type(event.type):
+                first = first or time.perf_counter() - started
+                samples += len(event.payload) // 2
+            if event.type == "audio-stop":
+                break
+        return StreamResult(first_audio=first, total=time.perf_counter() - started, audio_seconds=samples / 24000)
+
+
+async def concurrent_streams(port: int, count: int) -> list[StreamResult]:
+    voices = ["Ryan", "Vivian", "Aiden", "Serena", "Sohee", "Eric", "Dylan", "Uncle_Fu"]
+    return await asyncio.gather(*(one_stream(port, voices[i % len(voices)]) for i in range(count)))
+
+
+def stock_run(engine: SpeechEngine, frames: int) -> tuple[float, float]:
+    """Seconds and frames per second of the stock path for one utterance of ``frames`` frames."""
+    wrapper = engine.runtimes["custom_voice"].wrapper
+    if wrapper.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    wavs, _rate = wrapper.generate_custom_voice(TEXT, speaker="ryan", language="auto", max_new_tokens=frames + 1)
+    if wrapper.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    produced = len(wavs[0]) / 1920
+    return seconds, produced / seconds
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    text = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="CustomVoice checkpoint folder")
+    parser.add_argument("--base", help="Base checkpoint folder, to report the memory of both models")
+    parser.add_argument("--frames", type=int, default=125, help="frames per utterance (125 = 10 s)")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated stream counts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
+    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    load = LoadOptions(device=args.device, dtype=args.dtype)
+    stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
+    rss_before = rss_mib()
+    engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop))
+    runtime = engine.runtimes["custom_voice"]
+    device = runtime.wrapper.device
+    memory = {"custom_voice_weights_mib": parameter_bytes(runtime.wrapper.model) / 2**20, "rss_custom_voice_mib": rss_mib() - rss_before}
+    if device.type == "cuda":
+        memory["cuda_custom_voice_mib"] = torch.cuda.memory_allocated() / 2**20
+    silence_end_of_speech(engine)
+
+    # Warm up both paths (first calls allocate and load kernels).
+    stock_run(engine, 2)
+    settings = replace(Settings(), uri="tcp://127.0.0.1:0", stop=stop, request=RequestOptions())
+    port = _free_port()
+    settings = replace(settings, uri=f"tcp://127.0.0.1:{port}")
+    server = ServerThread(engine, settings)
+    asyncio.run(one_stream(port, "Ryan"))
+
+    stock_seconds, stock_fps = min((stock_run(engine, args.frames) for _ in range(args.repeats)), key=lambda r: r[0])
+    # Marginal cost of one more frame: the difference between a long and a short utterance.
+    short = max(2, args.frames // 5)
+    stock_short = min(stock_run(engine, short)[0] for _ in range(args.repeats))
+    ours_long = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+    server.engine.options = replace(server.engine.options, stop=replace(stop, base_frames=short, max_frames=short))
+    ours_short = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+    server.engine.options = replace(server.engine.options, stop=stop)
+    per_frame = {
+        "stock": (stock_seconds - stock_short) / (args.frames - short),
+        "ours": (ours_long - ours_short) / (args.frames - short),
+    }
+    rows = []
+    for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
+        best = None
+        for _ in range(args.repeats):
+            results = asyncio.run(concurrent_streams(port, count))
+            if best is None or max(r.total for r in results) < max(r.total for r in best):
+                best = results
+        rows.append((count, best))
+    server.stop()
+
+    if args.base:
+        rss_before = rss_mib()
+        both = SpeechEngine.load(EngineOptions(model=args.checkpoint, clone_model=args.base, load=load, stop=stop))
+        memory["base_weights_mib"] = parameter_bytes(both.runtimes["base"].wrapper.model) / 2**20
+        memory["rss_custom_voice_plus_base_mib"] = rss_mib() - rss_before
+        if device.type == "cuda":
+            memory["cuda_both_models_mib"] = torch.cuda.memory_allocated() / 2**20
+        both.close()
+    memory["peak_rss_mib"] = peak_rss_mib()
+    if device.type == "cuda":
+        memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    engine.close()
+
+    report = render(args, device, stock_seconds, stock_fps, rows, memory, per_frame)
+    print(report)
+    write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def render(args, device, stock_seconds, stock_fps, rows, memory, per_frame) -> str:
+    single = rows[0][1][0] if rows and rows[0][0] == 1 else None
+    lines = [
+        f"- machine: {machine()}",
+        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, checkpoint `{Path(args.checkpoint).name}`",
+        f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off",
+        "",
+        "| path | streams | first audio (s) | total (s) | frames/s per stream | real-time factor per stream |",
+        "|---|---|---|---|---|---|",
+        f"| stock generate_custom_voice | 1 | {stock_seconds:.3f} (all at the end) | {stock_seconds:.3f} | {stock_fps:.1f} | {stock_fps * FRAME_SECONDS:.2f} |",
+    ]
+    for count, results in rows:
+        first = statistics.median(r.first_audio for r in results)
+        total = statistics.median(r.total for r in results)
+        fps = statistics.median(r.frames_per_second for r in results)
+        lines.append(
+            f"| ours, Wyoming server | {count} | {first:.3f} (median) | {total:.3f} | {fps:.1f} | {fps * FRAME_SECONDS:.2f} |"
+        )
+    if single is not None:
+        lines += [
+            "",
+            f"- ours vs stock, frames per second: **{single.frames_per_second / stock_fps:.2f}x**",
+            f"- our first audio / stock total time: **{single.first_audio / stock_seconds:.4f}**",
+        ]
+    lines.append(
+        f"- cost of one more frame: stock {per_frame['stock'] * 1000:.1f} ms, ours {per_frame['ours'] * 1000:.1f} ms "
+        f"(ours / stock **{per_frame['ours'] / per_frame['stock']:.2f}**)"
+    )
+    lines.append("- memory: " + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in memory.items()))
+    return "\n".join(lines)
+
+
+def write_report(path: Path, label: str, report: str) -> None:
+    """Replace (or add) this run's section in BENCHMARKS.md, keeping the others."""
+    header = "# Benchmarks\n\nWritten by `benchmarks/bench.py`; every ratio compares numbers measured in one run.\n"
+    sections: dict[str, str] = {}
+    if path.exists():
+        current, body = None, []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("## "):
+                if current:
+                    sections[current] = "\n".join(body).strip()
+                current, body = line[3:].strip(), []
+            elif current:
+                body.append(line)
+        if current:
+            sections[current] = "\n".join(body).strip()
+    sections[label] = f"_{time.strftime('%Y-%m-%d')}_\n\n{report}"
+    text = header + "".join(f"\n## {name}\n\n{body}\n" for name, body in sections.items())
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
