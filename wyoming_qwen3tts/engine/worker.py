@@ -181,7 +181,7 @@ class SynthesisJob:
         self._post(item)
 
     def _take_work(self) -> tuple[str | TextFeed, int] | None:
-        """The next piece of work as (kind, segment); ends the job when nothing is left."""
+        """A new segment to start, as (its text or feed, its index); ends the job when all is done."""
         if self._cancelled:
             self._end(JobCancelled(f"job {self.id} cancelled"))
             return None
