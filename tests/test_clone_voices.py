@@ -17,7 +17,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from conftest import voice_like_sample
 from servers import ServerThread, is_one_audio_cycle, read_until
 
-from wyoming_qwen3tts.clone_cache import checkpoint_identity
+from wyoming_qwen3tts.clone_cache import ClonePromptCache, checkpoint_identity
 from wyoming_qwen3tts.engine.engine import RequestOptions, SpeechEngine
 from wyoming_qwen3tts.engine.generate import StopRules
 from wyoming_qwen3tts.engine.prompt import ClonePrompt
@@ -273,3 +273,17 @@ async def test_identical_speech_tokenizers_are_loaded_once(checkpoints, tmp_path
     assert shared.runtimes["base"].decoder is shared.runtimes["custom_voice"].decoder
     assert shared.runtimes["base"].wrapper.model.speech_tokenizer is shared.runtimes["custom_voice"].wrapper.model.speech_tokenizer
     assert separate.runtimes["base"].decoder is not separate.runtimes["custom_voice"].decoder
+
+
+def test_the_prompt_cache_keeps_the_most_recently_used_entries(tmp_path):
+    import os
+    import time as clock
+
+    cache = ClonePromptCache(tmp_path, max_entries=3)
+    prompt = ClonePrompt(speaker_embedding=torch.ones(4))
+    for index, key in enumerate("abcd"):
+        cache.store(key, prompt)
+        os.utime(tmp_path / f"{key}.pt", (clock.time() - 100 + index, clock.time() - 100 + index))
+        if key == "c":
+            assert cache.load("a") is not None  # "a" is used again: "b" is now the oldest
+    assert sorted(p.stem for p in tmp_path.glob("*.pt")) == ["a", "c", "d"]

@@ -63,10 +63,14 @@ def prompt_key(audio_bytes: bytes, transcript: str | None, checkpoint: str) -> s
 
 
 class ClonePromptCache:
-    """A folder of cached prompts, one file per key."""
+    """A folder of cached prompts, one file per key, the least recently used dropped past a limit.
 
-    def __init__(self, folder: Path) -> None:
+    The limit matters for one-off clones over the HTTP API: every new sample adds an entry.
+    """
+
+    def __init__(self, folder: Path, max_entries: int = 500) -> None:
         self.folder = Path(folder)
+        self.max_entries = max_entries
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.pt"
@@ -79,6 +83,7 @@ class ClonePromptCache:
             data = torch.load(path, map_location="cpu", weights_only=True)
             if data.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {data.get('format')!r}")
+            os.utime(path)  # recently used
             return ClonePrompt(
                 speaker_embedding=data["speaker_embedding"],
                 ref_codes=data["ref_codes"],
@@ -105,6 +110,12 @@ class ClonePromptCache:
             os.replace(temporary, self._path(key))
         finally:
             Path(temporary).unlink(missing_ok=True)
+        self._trim()
+
+    def _trim(self) -> None:
+        entries = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        for stale in entries[: max(0, len(entries) - self.max_entries)]:
+            stale.unlink(missing_ok=True)
 
 
 class ClonePrompts:
