@@ -7,6 +7,7 @@ gets a new entry; an entry that does not load is rebuilt.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -129,7 +130,8 @@ class ClonePrompts:
     async def get(self, audio_bytes: bytes, audio: "ReferenceAudio", transcript: str | None) -> tuple[ClonePrompt, bool]:
         """The prompt for a checked sample, and whether it had to be computed."""
         if self._identity is None:
-            self._identity = self.engine.clone_checkpoint_identity()
+            # Reads samples of the weight files: not on the event loop.
+            self._identity = await asyncio.to_thread(self.engine.clone_checkpoint_identity)
         key = prompt_key(audio_bytes, transcript, self._identity)
         prompt = self.cache.load(key)
         if prompt is not None:

@@ -148,9 +148,10 @@ class FrameGenerator:
         self.eos_mask = ids == self.eos_id
 
         positions = torch.arange(self.groups, device=self.device).unsqueeze(0)
-        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        # The rotary modules only read the dtype and device of their first argument.
+        self._probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         # Code-predictor positions restart at 0 every frame: one rotary table serves all frames.
-        self._predictor_rope = self.predictor.model.rotary_emb(probe, positions)
+        self._predictor_rope = self.predictor.model.rotary_emb(self._probe, positions)
 
     @staticmethod
     def _head_dim(config) -> int:
@@ -158,8 +159,7 @@ class FrameGenerator:
 
     def _talker_rope(self, start: int, length: int):
         positions = torch.arange(start, start + length, device=self.device).view(1, 1, -1).expand(3, 1, -1)
-        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
-        return self.talker.model.rotary_emb(probe, positions)
+        return self.talker.model.rotary_emb(self._probe, positions)
 
     def _talker_forward(self, state: GenerationState, embeds: torch.Tensor) -> torch.Tensor:
         rope = self._talker_rope(state.talker_cache.length, embeds.shape[1])

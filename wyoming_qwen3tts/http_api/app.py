@@ -8,6 +8,7 @@ queue and fairness as the Wyoming server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -212,7 +213,8 @@ class SpeechApi:
                     param="reference_audio",
                 )
             try:
-                audio = read_reference(speech.reference_audio, "reference_audio")
+                # Decoding and resampling take a while: keep them off the event loop.
+                audio = await asyncio.to_thread(read_reference, speech.reference_audio, "reference_audio")
             except ReferenceAudioError as err:
                 raise ApiError(400, str(err), param="reference_audio") from err
             transcript = None if speech.x_vector_only else speech.reference_text
@@ -265,7 +267,8 @@ class SpeechApi:
             audio = [] if first is None else [first.audio]
             audio += [chunk.audio async for chunk in chunks]
             clip = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
-            return web.Response(body=encode(clip, speech.response_format), content_type=CONTENT_TYPES[speech.response_format].split(";")[0])
+            body = await asyncio.to_thread(encode, clip, speech.response_format)
+            return web.Response(body=body, content_type=CONTENT_TYPES[speech.response_format].split(";")[0])
         except (JobCancelled, ConnectionError):
             raise
         except ApiError:
