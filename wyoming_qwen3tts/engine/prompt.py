@@ -123,7 +123,6 @@ class _Head:
     codec_last: torch.Tensor  # codec input at the first text position
     tts_eos: torch.Tensor
     tts_pad: torch.Tensor
-    speaker_name: str | None
 
 
 def _text_embed(wrapper: "Qwen3TTSModel", ids: torch.Tensor) -> torch.Tensor:
@@ -186,7 +185,7 @@ def _head(wrapper: "Qwen3TTSModel", voice: VoiceSpec, language: str, instruct: s
     if instruct and speaker_name is not None and model.tts_model_size not in "0b6":
         instruct_id = wrapper._tokenize_texts([_instruct_template(instruct)])[0]
         prefill = torch.cat([_text_embed(wrapper, instruct_id), prefill], dim=1)
-    return _Head(prefill, codec_input[:, -1:], tts_eos, tts_pad, speaker_name)
+    return _Head(prefill, codec_input[:, -1:], tts_eos, tts_pad)
 
 
 @torch.inference_mode()

@@ -64,12 +64,12 @@ class IncrementalTokenizer:
         # Spoken text starts at its first non-space character, as the whole-text prompt does;
         # NFC (the tokenizer's own normaliser) first, so offsets agree between the two calls.
         text = unicodedata.normalize("NFC", self.text).lstrip()
+        if finished:
+            text = text.rstrip()
         if not text:
             return []
         ids, offsets = self._tokens(text)
         if finished:
-            text = text.rstrip()
-            ids, offsets = self._tokens(text)
             final = len(ids)
         else:
             pieces = self._pre_tokenizer.pre_tokenize_str(text)

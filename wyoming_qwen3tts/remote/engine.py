@@ -268,8 +268,10 @@ class RemoteEngine:
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as err:
             raise _ReplicaFailed(f"{type(err).__name__}: {err}") from err
         finally:
-            # An abandoned stream must drop its connection, so the server stops generating.
-            response.release() if complete else response.close()
+            if complete:
+                response.release()
+            else:  # an abandoned stream drops its connection, so the server stops generating
+                response.close()
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 from wyoming.server import AsyncServer, AsyncTcpServer
 
 from ..engine.engine import SpeechEngine
+from ..http_api.server import HttpApiServer
 from ..settings import Settings
 from ..clone_cache import ClonePromptCache, ClonePrompts
 from ..clone_voices import CloneEntry, build_clone_voices, check_entries, read_voices_file
@@ -121,8 +122,6 @@ async def prepare(settings: Settings):
 
 async def serve(settings: Settings) -> None:
     """Load the models, then serve until SIGTERM or SIGINT."""
-    from ..http_api.server import HttpApiServer
-
     engine, catalog = await prepare(settings)
     servers = [WyomingTtsServer(settings, engine, catalog)]
     if settings.http_port is not None:
