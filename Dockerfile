@@ -10,8 +10,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HOME=/data/huggingface \
     QWEN3TTS_DATA_DIR=/data
 
+# g++: torch.compile (--compile) builds its CPU kernels and Triton's GPU launchers with it.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libsndfile1 \
+    && apt-get install -y --no-install-recommends libsndfile1 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

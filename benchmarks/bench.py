@@ -1,6 +1,6 @@
 """Speed and memory of the streaming engine, side by side with the stock qwen-tts path.
 
-    python benchmarks/bench.py --checkpoint CKPT [--frames 125] [--concurrency 1,2,4,8]
+    python benchmarks/bench.py --checkpoint CKPT [--frames 125] [--concurrency 1,2,4,8] [--compile]
 
 CKPT is a checkpoint folder (a random-weight one from `python -m
 wyoming_qwen3tts.dev.tiny_checkpoint OUT --size tiny|real-0.6b`). Random weights stop at random
@@ -167,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated stream counts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", action="store_true", help="run our engine with --compile")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads for both paths (0 = all cores but one)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    load = LoadOptions(device=args.device, dtype=args.dtype)
+    load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads)
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     rss_before = rss_mib()
     engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop))
@@ -244,7 +246,8 @@ def render(args, device, stock_seconds, stock_fps, rows, memory, per_frame) -> s
     single = rows[0][1][0] if rows and rows[0][0] == 1 else None
     lines = [
         f"- machine: {machine()}",
-        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, checkpoint `{Path(args.checkpoint).name}`",
+        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, checkpoint `{Path(args.checkpoint).name}`, "
+        f"our code predictor {'compiled' if args.compile else 'uncompiled'}, {torch.get_num_threads()} threads",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off",
         "",
         "| path | streams | first audio (s) | total (s) | frames/s per stream | real-time factor per stream |",

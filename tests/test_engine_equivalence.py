@@ -43,6 +43,15 @@ def official_codes_and_audio(wrapper, call, **kwargs):
     return captured["codes"], wavs[0]
 
 
+def official_seeded_codes(wrapper, text, speaker, seed):
+    """The stock path's codes with the checkpoint's sampling defaults from ``seed``, and our prompt."""
+    torch.manual_seed(seed)
+    official, _wav = official_codes_and_audio(
+        wrapper, wrapper.generate_custom_voice, text=text, speaker=speaker, language="english", max_new_tokens=MAX_NEW_TOKENS
+    )
+    return official, build_prompt(wrapper, text, PresetSpeaker(speaker), "english", non_streaming_mode=True)
+
+
 def our_codes(wrapper, prompt, sampling, frames):
     generator = FrameGenerator(wrapper.model)
     state = generator.start(prompt, sampling, frames)
@@ -99,12 +108,7 @@ def test_greedy_preset_voice_codes_and_audio_equal_official(custom_voice_model, 
 
 def test_seeded_sampling_draws_the_official_codes(custom_voice_model):
     wrapper = custom_voice_model
-    text = TEXTS[1]
-    torch.manual_seed(1234)
-    official, _wav = official_codes_and_audio(
-        wrapper, wrapper.generate_custom_voice, text=text, speaker="Vivian", language="english", max_new_tokens=MAX_NEW_TOKENS
-    )
-    prompt = build_prompt(wrapper, text, PresetSpeaker("Vivian"), "english", non_streaming_mode=True)
+    official, prompt = official_seeded_codes(wrapper, TEXTS[1], "Vivian", seed=1234)
     sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults).with_seed(1234)
     assert sampling.do_sample and sampling.top_k == 50 and sampling.repetition_penalty == 1.05
     ours, _reason = our_codes(wrapper, prompt, sampling, MAX_NEW_TOKENS - 1)

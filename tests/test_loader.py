@@ -110,6 +110,14 @@ def test_auto_placement_on_a_cpu_machine_is_float32_sdpa(caplog):
     assert "Attention: sdpa" in caplog.text
 
 
+def test_automatic_threads_leave_one_core_for_the_server(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert resolve_placement(LoadOptions()).threads == 3
+    assert resolve_placement(LoadOptions(threads=4)).threads == 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert resolve_placement(LoadOptions()).threads == 1
+
+
 @pytest.mark.parametrize("field,value", [("device", "tpu"), ("dtype", "int4"), ("attention", "magic")])
 def test_wrong_load_options_are_refused_with_the_valid_choices(field, value):
     with pytest.raises(ValueError, match="must be one of"):

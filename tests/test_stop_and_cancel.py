@@ -163,3 +163,61 @@ async def test_abandoning_the_stream_cancels_the_job(engine):
             break
         await asyncio.sleep(0.05)
     assert engine.worker.active_jobs == 0
+
+
+async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monkeypatch):
+    runtime = engine.runtimes["custom_voice"]
+    counter = FrameCounter(runtime.frames)
+    monkeypatch.setattr(runtime.frames, "step", counter)
+    decode = runtime.decoder.decode
+    decoding, release = threading.Event(), threading.Event()
+
+    def slow_first_decode(state, codes):
+        if not decoding.is_set():
+            decoding.set()
+            assert release.wait(10), "the test never released the decoder"
+        return decode(state, codes)
+
+    monkeypatch.setattr(runtime.decoder, "decode", slow_first_decode)
+    job = engine.start(PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))
+    job.add_text(LONG_TEXT)
+    job.finish()
+    assert await asyncio.to_thread(decoding.wait, 10)
+    frames_at_block = counter.count
+    for _ in range(200):
+        if counter.count >= frames_at_block + 10:
+            break
+        await asyncio.sleep(0.02)
+    frames_while_blocked = counter.count - frames_at_block
+    release.set()
+    chunks = [chunk async for chunk in job]
+
+    assert frames_while_blocked >= 10, "generation should go on while the first chunk decodes"
+    assert [c.first_frame for c in chunks] == list(np.cumsum([0] + [c.frames for c in chunks[:-1]]))
+    assert sum(c.frames for c in chunks) == 60
+
+
+async def test_a_failing_decode_fails_only_its_request(engine, monkeypatch, caplog):
+    decoder = engine.runtimes["custom_voice"].decoder
+    decode = decoder.decode
+    calls = []
+
+    def broken_once(state, codes):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("codec exploded")
+        return decode(state, codes)
+
+    monkeypatch.setattr(decoder, "decode", broken_once)
+    with pytest.raises(RuntimeError, match="codec exploded"):
+        async for _chunk in engine.synthesize([LONG_TEXT], PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY)):
+            pass
+    assert "Decoding audio for job" in caplog.text
+
+    audio = [c async for c in engine.synthesize(["Hello."], PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))]
+    assert sum(c.frames for c in audio) == 60
+    for _ in range(50):
+        if engine.worker.active_jobs == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.worker.active_jobs == 0

@@ -127,6 +127,7 @@ def test_flags_can_come_from_the_environment_and_the_command_line_wins():
         "QWEN3TTS_ZEROCONF": "kitchen",
         "QWEN3TTS_VOICE": "Ryan",
         "QWEN3TTS_MAX_TEXT_LENGTH": "500",
+        "QWEN3TTS_COMPILE": "1",
     }
     settings = Settings.from_args(["--voice", "Vivian"], environ)
     assert settings.model == "/models/custom" and settings.clone_model == "/models/base"
@@ -136,6 +137,8 @@ def test_flags_can_come_from_the_environment_and_the_command_line_wins():
     assert settings.default_voice == "Vivian"
     assert settings.max_text_chars == 500
     assert settings.models_dir == settings.data_dir / "models"
+    assert settings.load.compile is True
+    assert settings.engine_options(with_clone_model=False).compile_cache_dir == settings.data_dir / "compile-cache"
 
 
 def test_remote_replicas_come_from_repeated_flags_or_a_comma_separated_variable():
@@ -149,6 +152,7 @@ def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
     settings = Settings.from_args([], {})
     assert settings.uri == "tcp://0.0.0.0:10200"
     assert settings.streaming and settings.zeroconf_name is None
+    assert settings.load.compile is False
     assert Settings.from_args(["--zeroconf"], {}).zeroconf_name == "qwen3-tts"
 
 
@@ -158,6 +162,7 @@ def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
         (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
         ([], {"QWEN3TTS_DEVICE": "tpu"}, "device must be one of"),
         (["--first-chunk-frames", "0"], {}, "at least 1"),
+        (["--threads", "-1"], {}, "threads must be 0 (automatic) or more"),
         (["--engine", "remote"], {}, "needs at least one --remote-url"),
         (["--engine", "remote", "--remote-url", "gpu-box:8091"], {}, "must start with http://"),
     ],

@@ -82,6 +82,7 @@ class Settings:
             model=self.model,
             clone_model=self.clone_model if with_clone_model else None,
             models_dir=self.models_dir,
+            compile_cache_dir=self.data_dir / "compile-cache",
             load=self.load,
             stop=self.stop,
             chunks=ChunkSchedule(first_frames=self.first_chunk_frames, max_frames=max(12, self.first_chunk_frames)),
@@ -118,6 +119,8 @@ class Settings:
                 dtype=args.dtype,
                 attention=args.attention,
                 text_embedding_on_cpu=args.text_embedding_on_cpu,
+                compile=args.compile,
+                threads=args.threads,
             ),
             default_voice=args.voice or None,
             voices_file=Path(args.voices) if args.voices else None,
@@ -206,6 +209,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     switch(
         "--text-embedding-on-cpu",
         "keep the text embedding (311 M parameters at 0.6B) in CPU memory: frees about 0.6 GB of GPU memory per model",
+    )
+    option("--threads", 0, type=int, help="PyTorch CPU threads (0 = all cores but one)")
+    switch(
+        "--compile",
+        "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes a minute at start-up, falls back to uncompiled on failure",
     )
     option("--data-dir", "data", help="folder for downloaded models and caches")
     option("--voice", help="default voice when a request names none (default: the first preset speaker)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator, Iterable
@@ -33,6 +34,8 @@ class EngineOptions:
     model: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
     clone_model: str | None = None  # a Base checkpoint; loaded only when cloning is wanted
     models_dir: Path = Path("models")
+    # Where torch.compile keeps compiled kernels, so a restart reuses them (seconds, not minutes).
+    compile_cache_dir: Path | None = None
     load: LoadOptions = field(default_factory=LoadOptions)
     stop: StopRules = field(default_factory=StopRules)
     chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
@@ -75,6 +78,11 @@ class SpeechEngine:
     def load(cls, options: EngineOptions) -> "SpeechEngine":
         """Load the configured checkpoints (blocking: minutes for a first download)."""
         placement = resolve_placement(options.load)
+        torch.set_num_threads(placement.threads)
+        _LOGGER.info("PyTorch uses %d CPU thread(s)", placement.threads)
+        if options.load.compile and options.compile_cache_dir is not None:
+            # The inductor reads its cache location from the environment only.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
         runtimes: dict[str, ModelRuntime] = {}
         for role, name in ((CUSTOM_VOICE, options.model), (BASE, options.clone_model)):
             if not name:
@@ -91,7 +99,7 @@ class SpeechEngine:
                     wrapper.model.load_speech_tokenizer(shared.wrapper.model.speech_tokenizer)
                     decoder = shared.decoder
                     _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
-            runtimes[role] = ModelRuntime.create(wrapper, decoder, folder)
+            runtimes[role] = ModelRuntime.create(wrapper, decoder, folder, compile=options.load.compile)
             _LOGGER.info(
                 "Loaded %s (%s) on %s as %s: %.0f MiB of model weights, %.0f MiB of codec%s",
                 name,

@@ -2,9 +2,11 @@
 
 The stock package generates inside Hugging Face `generate`, calling `generate` again for the
 15-step code predictor on every frame, and hands out nothing until the utterance is finished.
-Here the same modules run step by step over preallocated KV caches, and each 80 ms frame
-(16 codes) is handed out the moment it exists. Prompt construction and code selection follow
-the package exactly, so greedy decoding yields the very codes the stock path yields.
+Here the same weights run step by step, through plain tensor functions (`layers.py`) over a
+preallocated talker KV cache, the code predictor's 15 steps as one loop (`predictor.py`), and
+each 80 ms frame (16 codes) is handed out the moment it exists. Prompt construction and code
+selection follow the package exactly, so greedy decoding yields the very codes the stock path
+yields.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .layers import DecoderStack
+from .predictor import CodePredictorLoop, PredictorSampling
 from .prompt import TalkerPrompt
 from .sampling import SamplingOptions, apply_repetition_penalty, choose
 
@@ -84,19 +88,6 @@ class StaticKVCache:
         self.length += steps
 
 
-def _run_layers(layers, hidden: torch.Tensor, cache: StaticKVCache, rope) -> torch.Tensor:
-    for layer in layers:
-        hidden = layer(
-            hidden,
-            attention_mask=None,  # sdpa / flash attention apply causality for multi-token input
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=rope,
-        )[0]
-    cache.advance(hidden.shape[1])
-    return hidden
-
-
 @dataclass
 class GenerationState:
     """One utterance in progress."""
@@ -106,14 +97,13 @@ class GenerationState:
     max_frames: int
     generator: torch.Generator | None
     talker_cache: StaticKVCache
-    predictor_cache: StaticKVCache
     seen: torch.Tensor  # codebook-0 ids generated so far (repetition penalty)
     last_hidden: torch.Tensor | None = None  # talker output of the last position, [1, 1, D]
     next_code0: torch.Tensor | None = None  # codebook-0 id of the next frame, [1]
     frames: int = 0
     finish_reason: str | None = None  # "eos", "cap" or "cancelled"
-    # The last frame's codes while its talker step waits for text that has not arrived yet.
-    pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    # The last frame's codes [16] while its talker step waits for text that has not arrived yet.
+    pending: torch.Tensor | None = None
 
     @property
     def waiting_for_text(self) -> bool:
@@ -127,44 +117,42 @@ class GenerationState:
 class FrameGenerator:
     """Generates codec frames for one loaded model. Not thread-safe: one owner thread."""
 
-    def __init__(self, model: "Qwen3TTSForConditionalGeneration") -> None:
+    def __init__(self, model: "Qwen3TTSForConditionalGeneration", compile: bool = False) -> None:
         self.model = model
         talker = model.talker
         self.talker = talker
-        self.predictor = talker.code_predictor
         tcfg = model.config.talker_config
-        pcfg = tcfg.code_predictor_config
         self.groups = tcfg.num_code_groups
         self.eos_id = tcfg.codec_eos_token_id
         self.device = talker.device
         self.dtype = talker.dtype
-        self._talker_dims = (tcfg.num_hidden_layers, tcfg.num_key_value_heads, self._head_dim(tcfg))
-        self._predictor_dims = (pcfg.num_hidden_layers, pcfg.num_key_value_heads, self._head_dim(pcfg))
+        self.stack = DecoderStack.of(talker.model, tcfg)
+        self._talker_dims = (tcfg.num_hidden_layers, tcfg.num_key_value_heads, self.stack.head_dim)
+        self.code_embeddings = (talker.get_input_embeddings(),) + tuple(talker.code_predictor.model.codec_embedding)
+        self.predictor = CodePredictorLoop(talker.code_predictor, talker.get_input_embeddings(), self.groups, compile)
 
         vocab = tcfg.vocab_size
         ids = torch.arange(vocab, device=self.device)
         # The package suppresses the 1024 special ids at the top of the vocabulary, except EOS.
         self.suppressed = (ids >= vocab - 1024) & (ids != self.eos_id)
         self.eos_mask = ids == self.eos_id
-
-        positions = torch.arange(self.groups, device=self.device).unsqueeze(0)
-        # The rotary modules only read the dtype and device of their first argument.
+        # The rotary module only reads the dtype and device of its first argument.
         self._probe = torch.zeros(1, device=self.device, dtype=self.dtype)
-        # Code-predictor positions restart at 0 every frame: one rotary table serves all frames.
-        self._predictor_rope = self.predictor.model.rotary_emb(self._probe, positions)
 
-    @staticmethod
-    def _head_dim(config) -> int:
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    def warm_up(self, sampling: SamplingOptions) -> None:
+        """Compile the code predictor for the checkpoint's default sampling, if compiling."""
+        self.predictor.warm_up(PredictorSampling.of(sampling))
 
-    def _talker_rope(self, start: int, length: int):
+    def _talker_rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(start, start + length, device=self.device).view(1, 1, -1).expand(3, 1, -1)
-        return self.talker.model.rotary_emb(self._probe, positions)
+        cos, sin = self.talker.model.rotary_emb(self._probe, positions)
+        # Speech has one position stream: the three multimodal sections hold the same angles, so
+        # the package's section merge yields the first stream's table unchanged.
+        return cos[0].unsqueeze(1), sin[0].unsqueeze(1)
 
     def _talker_forward(self, state: GenerationState, embeds: torch.Tensor) -> torch.Tensor:
-        rope = self._talker_rope(state.talker_cache.length, embeds.shape[1])
-        hidden = _run_layers(self.talker.model.layers, embeds, state.talker_cache, rope)
-        return self.talker.model.norm(hidden)[:, -1:]
+        cos, sin = self._talker_rope(state.talker_cache.length, embeds.shape[1])
+        return self.stack.forward(embeds, cos, sin, state.talker_cache)[:, -1:]
 
     def _choose_code0(self, state: GenerationState, hidden: torch.Tensor, generated: int) -> torch.Tensor:
         s = state.sampling
@@ -195,7 +183,6 @@ class FrameGenerator:
             max_frames=max(MIN_FRAMES, max_frames),
             generator=generator,
             talker_cache=StaticKVCache(layers, kv_heads, head_dim, capacity, self.dtype, self.device),
-            predictor_cache=StaticKVCache(*self._predictor_dims, self.groups, self.dtype, self.device),
             seen=torch.zeros_like(self.suppressed),
         )
         with torch.inference_mode():
@@ -203,28 +190,6 @@ class FrameGenerator:
             state.last_hidden = hidden
             state.next_code0 = self._choose_code0(state, hidden, generated=0)
         return state
-
-    def _predict_rest(self, state: GenerationState, code0: torch.Tensor) -> list[torch.Tensor]:
-        """Codebooks 1-15 for this frame, one code-predictor step each."""
-        s = state.sampling
-        cache = state.predictor_cache
-        cache.reset()
-        predictor = self.predictor
-        embeds = torch.cat((state.last_hidden, self.talker.get_input_embeddings()(code0).unsqueeze(1)), dim=1)
-        codes: list[torch.Tensor] = []
-        for step in range(self.groups - 1):
-            if step > 0:
-                embeds = predictor.model.codec_embedding[step - 1](codes[-1]).unsqueeze(1)
-            start = cache.length
-            cos, sin = self._predictor_rope
-            rope = (cos[:, start : start + embeds.shape[1]], sin[:, start : start + embeds.shape[1]])
-            hidden = _run_layers(predictor.model.layers, predictor.small_to_mtp_projection(embeds), cache, rope)
-            hidden = predictor.model.norm(hidden)
-            logits = predictor.lm_head[step](hidden[:, -1]).float()
-            codes.append(
-                choose(logits, s.subtalker_do_sample, s.subtalker_temperature, s.subtalker_top_k, s.subtalker_top_p, state.generator)
-            )
-        return codes
 
     def step(self, state: GenerationState) -> torch.Tensor | None:
         """Generate the next frame: its 16 codes on the model's device.
@@ -243,13 +208,13 @@ class FrameGenerator:
             if int(code0.item()) == self.eos_id:
                 state.finish_reason = "eos"
                 return None
-            rest = self._predict_rest(state, code0)
-            frame = torch.cat([code0] + rest)
+            rest = self.predictor.codes(state.last_hidden, code0, PredictorSampling.of(state.sampling), state.generator)
+            frame = torch.cat((code0, rest))
             state.frames += 1
             if state.frames >= state.max_frames:
                 state.finish_reason = "cap"
                 return frame
-            state.pending = (code0, rest)
+            state.pending = frame
             self._advance_talker(state)
         return frame
 
@@ -258,11 +223,9 @@ class FrameGenerator:
         text = state.prompt.text_track.at(state.frames - 1)
         if text is None:
             return False
-        code0, rest = state.pending
+        frame = state.pending
         embeds = torch.cat(
-            [self.talker.get_input_embeddings()(code0).unsqueeze(1)]
-            + [self.predictor.model.codec_embedding[i](rest[i]).unsqueeze(1) for i in range(self.groups - 1)],
-            dim=1,
+            [embedding(frame[i : i + 1]).unsqueeze(1) for i, embedding in enumerate(self.code_embeddings)], dim=1
         ).sum(1, keepdim=True)
         state.last_hidden = self._talker_forward(state, embeds + text)
         state.next_code0 = self._choose_code0(state, state.last_hidden, generated=state.frames)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,8 +50,17 @@ class LoadOptions:
     # Keep the talker's text embedding (311 M parameters at 0.6B) in CPU memory: it is only
     # read while building a prompt, never per frame, so a 4 GB card can hold both models.
     text_embedding_on_cpu: bool = False
+    # Hand the code predictor's 15-step frame loop to torch.compile (CUDA graphs on a GPU): costs
+    # a compile at start-up, pays where per-operation overhead dominates (GPUs, small models).
+    compile: bool = False
+    # PyTorch's CPU threads; 0: all cores but one. On CPU a frame is bound by memory bandwidth,
+    # which one thread already saturates on small machines, and a thread spinning on the last
+    # core slows the event loop that streams the audio (measured in BENCHMARKS.md).
+    threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (automatic) or more, not {self.threads}")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}")
         if self.dtype not in DTYPES:
@@ -66,6 +76,7 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     attention: str
+    threads: int
 
 
 def resolve_placement(options: LoadOptions) -> Placement:
@@ -88,7 +99,15 @@ def resolve_placement(options: LoadOptions) -> Placement:
         _LOGGER.info("Attention: %s (%s)", attention, reason)
     else:
         _LOGGER.info("Attention: %s (configured)", attention)
-    return Placement(device=device, dtype=dtype, attention=attention)
+    threads = options.threads or max(1, _usable_cores() - 1)
+    return Placement(device=device, dtype=dtype, attention=attention, threads=threads)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _auto_attention(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:

@@ -76,6 +76,28 @@ def choose(
     """Pick one id per row of ``logits`` (float32, already penalised and masked)."""
     if not do_sample:
         return torch.argmax(logits, dim=-1)
+    probs = filtered_probabilities(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def choose_with_noise(
+    logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """`choose` with the random numbers drawn beforehand: greedy when ``noise`` is None.
+
+    ``noise`` holds the exponential draws that `torch.multinomial` makes for one sample (it picks
+    the argmax of probs / noise). Drawing a whole frame's noise in one call yields the same numbers
+    from a CPU generator as one draw per step, so seeded runs still pick the stock codes, and a
+    compiled or captured frame loop needs no generator inside.
+    """
+    if noise is None:
+        return torch.argmax(logits, dim=-1)
+    probs = filtered_probabilities(logits, temperature, top_k, top_p)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def filtered_probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Hugging Face's temperature, top-k and top-p warpers, then softmax."""
     if temperature != 1.0:
         logits = logits / temperature
     if top_k:
@@ -89,5 +111,4 @@ def choose(
         remove_sorted[..., -1:] = False
         remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
         logits = logits.masked_fill(remove, -float("inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)

@@ -49,6 +49,15 @@ class AudioChunk:
         return (np.clip(self.audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
+@dataclass(frozen=True)
+class CodeChunk:
+    """Frames generated for one audio chunk, before decoding."""
+
+    codes: torch.Tensor  # [frames, 16] on the model's device
+    first_frame: int
+    fade: bool  # the utterance hit its frame cap: end the audio with a fade
+
+
 @dataclass
 class ModelRuntime:
     """A loaded checkpoint and the machinery that streams from it."""
@@ -61,13 +70,20 @@ class ModelRuntime:
 
     @classmethod
     def create(
-        cls, wrapper: "Qwen3TTSModel", decoder: StreamingCodecDecoder | None = None, folder: Path | None = None
+        cls,
+        wrapper: "Qwen3TTSModel",
+        decoder: StreamingCodecDecoder | None = None,
+        folder: Path | None = None,
+        compile: bool = False,
     ) -> "ModelRuntime":
+        sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
+        frames = FrameGenerator(wrapper.model, compile=compile)
+        frames.warm_up(sampling)
         return cls(
             wrapper=wrapper,
-            frames=FrameGenerator(wrapper.model),
+            frames=frames,
             decoder=decoder or StreamingCodecDecoder(wrapper.model.speech_tokenizer.model.decoder),
-            sampling=SamplingOptions.from_generation_config(wrapper.generate_defaults),
+            sampling=sampling,
             folder=folder,
         )
 
@@ -85,6 +101,9 @@ def fade_out(audio: np.ndarray, samples: int) -> np.ndarray:
 
 class Utterance:
     """Generates and decodes one segment; `advance` does at most one frame of work.
+
+    Generation (`advance_codes`) and decoding (`decode`) can also run on two threads: each
+    side keeps its own state, and chunks must be decoded in the order they were generated.
 
     The prompt is either complete up front, or (dual-track streaming) built while the text
     arrives through a `TextFeed`: generation starts with the first word and, at each step,
@@ -158,7 +177,12 @@ class Utterance:
         self._pending.clear()
 
     def advance(self) -> AudioChunk | None:
-        """Prefill, or generate one frame; return a chunk when one is complete."""
+        """Prefill, or generate one frame; return a decoded chunk when one is complete."""
+        codes = self.advance_codes()
+        return None if codes is None else self.decode(codes)
+
+    def advance_codes(self) -> CodeChunk | None:
+        """Prefill, or generate one frame; return a chunk's frames when they are complete."""
         if self._feed is not None and not self._text_complete:
             self._take_text()
         if self._state is None:
@@ -189,26 +213,35 @@ class Utterance:
 
     def _start(self) -> None:
         runtime = self.runtime
-        self._decoder_state = runtime.decoder.new_state()
-        if self.prompt.ref_codes is not None:
-            # A cloned voice's audio continues its reference: decode that first, as context.
-            runtime.decoder.decode(self._decoder_state, self.prompt.ref_codes)
         max_frames = self.stop.frame_cap(self.prompt.text_tokens) if self._text_complete else self.stop.max_frames
         self._state = runtime.frames.start(self.prompt, self.sampling, max_frames)
 
-    def _flush(self) -> AudioChunk:
-        codes = torch.stack(self._pending)
+    def _flush(self) -> CodeChunk:
+        chunk = CodeChunk(
+            codes=torch.stack(self._pending),
+            first_frame=self._emitted_frames,
+            fade=self._state.finish_reason == "cap",
+        )
         self._pending = []
-        audio = self.runtime.decoder.decode(self._decoder_state, codes).cpu().numpy()
-        if self._state.finish_reason == "cap":
+        self._chunks += 1
+        self._emitted_frames += chunk.codes.shape[0]
+        return chunk
+
+    def decode(self, chunk: CodeChunk) -> AudioChunk:
+        """The audio of ``chunk``; chunks must come in the order `advance_codes` made them."""
+        decoder = self.runtime.decoder
+        if self._decoder_state is None:
+            self._decoder_state = decoder.new_state()
+            if self.prompt.ref_codes is not None:
+                # A cloned voice's audio continues its reference: decode that first, as context.
+                decoder.decode(self._decoder_state, self.prompt.ref_codes)
+        audio = decoder.decode(self._decoder_state, chunk.codes).cpu().numpy()
+        if chunk.fade:
             # Runaway guard: end with a fade rather than a cut in the middle of a sound.
             audio = fade_out(audio, self.fade_samples)
-        chunk = AudioChunk(
+        return AudioChunk(
             audio=audio,
-            codes=codes.cpu().numpy(),
-            first_frame=self._emitted_frames,
+            codes=chunk.codes.cpu().numpy(),
+            first_frame=chunk.first_frame,
             segment=self.segment,
         )
-        self._chunks += 1
-        self._emitted_frames += chunk.frames
-        return chunk

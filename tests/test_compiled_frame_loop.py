@@ -1,0 +1,150 @@
+"""The plain-tensor layers equal the package's modules, and the compiled frame loop picks the stock codes.
+
+Compiling takes a minute on a 2-core machine, so one compiled generator serves the whole module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_engine_equivalence import (
+    MAX_NEW_TOKENS,
+    TEXTS,
+    official_codes_and_audio,
+    official_seeded_codes,
+)
+
+from wyoming_qwen3tts.engine import predictor as predictor_module
+from wyoming_qwen3tts.engine.generate import FrameGenerator, StaticKVCache
+from wyoming_qwen3tts.engine.layers import DecoderStack
+from wyoming_qwen3tts.engine.predictor import PredictorSampling
+from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
+from wyoming_qwen3tts.engine.sampling import SamplingOptions
+
+FRAMES = MAX_NEW_TOKENS - 1
+
+
+def generate(generator: FrameGenerator, prompt, sampling: SamplingOptions, frames: int = FRAMES) -> torch.Tensor:
+    state = generator.start(prompt, sampling, frames)
+    codes = []
+    while (frame := generator.step(state)) is not None:
+        codes.append(frame)
+    return torch.stack(codes)
+
+
+@pytest.fixture(scope="module")
+def default_sampling(custom_voice_model) -> SamplingOptions:
+    return SamplingOptions.from_generation_config(custom_voice_model.generate_defaults)
+
+
+@pytest.fixture(scope="module")
+def compiled_generator(custom_voice_model, default_sampling) -> FrameGenerator:
+    generator = FrameGenerator(custom_voice_model.model, compile=True)
+    generator.warm_up(default_sampling)
+    assert generator.predictor.compile, "compiling the tiny checkpoint's loop should work on this machine"
+    return generator
+
+
+def test_plain_layers_equal_the_package_layers_bit_for_bit(custom_voice_model):
+    predictor = custom_voice_model.model.talker.code_predictor
+    stack = DecoderStack.of(predictor.model, predictor.config)
+    config = predictor.config
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 3, config.hidden_size)
+    positions = torch.arange(3).unsqueeze(0)
+    cos, sin = predictor.model.rotary_emb(hidden, positions)
+
+    def cache():
+        return StaticKVCache(config.num_hidden_layers, config.num_key_value_heads, stack.head_dim, 8, hidden.dtype, "cpu")
+
+    with torch.inference_mode():
+        ours_cache = cache()
+        ours = stack.forward(hidden[:, :2], cos[:, None, :2], sin[:, None, :2], ours_cache)
+        ours_next = stack.forward(hidden[:, 2:], cos[:, None, 2:], sin[:, None, 2:], ours_cache)
+
+        theirs_cache = cache()
+        outputs = []
+        for window in (slice(0, 2), slice(2, 3)):
+            states = hidden[:, window]
+            for layer in predictor.model.layers:
+                states = layer(
+                    states,
+                    attention_mask=None,
+                    past_key_values=theirs_cache,
+                    use_cache=True,
+                    position_embeddings=(cos[:, window], sin[:, window]),
+                )[0]
+            theirs_cache.advance(states.shape[1])
+            outputs.append(predictor.model.norm(states))
+
+    assert torch.equal(ours, outputs[0])
+    assert torch.equal(ours_next, outputs[1])
+    assert torch.equal(ours_cache.keys, theirs_cache.keys)
+
+
+def test_compiled_loop_draws_the_official_seeded_codes(custom_voice_model, compiled_generator, default_sampling):
+    official, prompt = official_seeded_codes(custom_voice_model, TEXTS[1], "Serena", seed=77)
+
+    calls = []
+    compiled = compiled_generator.predictor._compiled[PredictorSampling.of(default_sampling)]
+    compiled_generator.predictor._compiled[PredictorSampling.of(default_sampling)] = lambda *a: calls.append(1) or compiled(*a)
+    try:
+        ours = generate(compiled_generator, prompt, default_sampling.with_seed(77))
+    finally:
+        compiled_generator.predictor._compiled[PredictorSampling.of(default_sampling)] = compiled
+
+    assert len(calls) == len(ours), "every frame's codebooks 1-15 should come from the compiled loop"
+    assert torch.equal(ours, official)
+
+
+def test_other_sampling_settings_run_uncompiled_without_compiling_again(
+    custom_voice_model, compiled_generator, monkeypatch
+):
+    wrapper = custom_voice_model
+    text = TEXTS[0]
+    official, _wav = official_codes_and_audio(
+        wrapper,
+        wrapper.generate_custom_voice,
+        text=text,
+        speaker="Ryan",
+        language="english",
+        do_sample=False,
+        subtalker_dosample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("a request must never wait for a compile")
+
+    monkeypatch.setattr(predictor_module.torch, "compile", no_compiling)
+    prompt = build_prompt(wrapper, text, PresetSpeaker("Ryan"), "english", non_streaming_mode=True)
+    ours = generate(compiled_generator, prompt, SamplingOptions().greedy())
+    assert torch.equal(ours, official)
+
+
+def test_a_failing_compile_falls_back_to_the_same_codes_with_a_warning(
+    custom_voice_model, default_sampling, monkeypatch, caplog
+):
+    wrapper = custom_voice_model
+    prompt = build_prompt(wrapper, TEXTS[2], PresetSpeaker("Aiden"), "english", non_streaming_mode=True)
+    expected = generate(FrameGenerator(wrapper.model), prompt, default_sampling.with_seed(5))
+
+    def broken_compile(function, **kwargs):
+        def run(*args):
+            raise RuntimeError("backend exploded\nlong traceback")
+
+        return run
+
+    monkeypatch.setattr(predictor_module.torch, "compile", broken_compile)
+    generator = FrameGenerator(wrapper.model, compile=True)
+    with caplog.at_level(logging.WARNING, logger=predictor_module.__name__):
+        generator.warm_up(default_sampling)
+        ours = generate(generator, prompt, default_sampling.with_seed(5))
+
+    assert torch.equal(ours, expected)
+    assert not generator.predictor.compile
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "RuntimeError: backend exploded" in warnings[0] and "leave out --compile" in warnings[0]
