@@ -110,10 +110,11 @@ def test_auto_placement_on_a_cpu_machine_is_float32_sdpa(caplog):
     assert "Attention: sdpa" in caplog.text
 
 
-def test_automatic_threads_leave_one_core_for_the_server(monkeypatch):
+def test_automatic_threads_leave_one_core_for_the_server_unless_the_model_is_16_bit(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert resolve_placement(LoadOptions()).threads == 3
-    assert resolve_placement(LoadOptions(threads=4)).threads == 4
+    assert resolve_placement(LoadOptions(threads=2)).threads == 2
+    assert resolve_placement(LoadOptions(dtype="bfloat16")).threads == 4
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert resolve_placement(LoadOptions()).threads == 1
 

@@ -53,9 +53,10 @@ class LoadOptions:
     # Hand the code predictor's 15-step frame loop to torch.compile (CUDA graphs on a GPU): costs
     # a compile at start-up, pays where per-operation overhead dominates (GPUs, small models).
     compile: bool = False
-    # PyTorch's CPU threads; 0: all cores but one. On CPU a frame is bound by memory bandwidth,
+    # PyTorch's CPU threads; 0: automatic. A float32 frame on CPU is bound by memory bandwidth,
     # which one thread already saturates on small machines, and a thread spinning on the last
-    # core slows the event loop that streams the audio (measured in BENCHMARKS.md).
+    # core slows the event loop that streams the audio: all cores but one. A 16-bit model on CPU
+    # is bound by arithmetic instead: all cores (both measured in BENCHMARKS.md).
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -99,7 +100,10 @@ def resolve_placement(options: LoadOptions) -> Placement:
         _LOGGER.info("Attention: %s (%s)", attention, reason)
     else:
         _LOGGER.info("Attention: %s (configured)", attention)
-    threads = options.threads or max(1, _usable_cores() - 1)
+    threads = options.threads
+    if not threads:
+        compute_bound = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        threads = _usable_cores() if compute_bound else max(1, _usable_cores() - 1)
     return Placement(device=device, dtype=dtype, attention=attention, threads=threads)
 
 
