@@ -191,6 +191,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
         "http_api": True,
         "http_api_key": "s3cret key",
         "http_clones": True,
+        "compile": True,
     }
     result = run_sh(tmp_path, options)
     assert result.returncode == 0, result.stderr
@@ -211,7 +212,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     assert settings.model == "/share/qwen3tts/models/my model" and settings.load.device == "cuda"
     assert settings.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
     assert (settings.http_port, settings.http_host, settings.http_api_key) == (10201, "0.0.0.0", "s3cret key")
-    assert settings.http_clones
+    assert settings.http_clones and settings.load.compile
     entries = read_voices_file(settings.voices_file, settings.samples_dir)
     assert [(e.name, e.audio, e.transcript) for e in entries] == [
         ("Grandma", Path("/share/qwen3tts/grandma.wav"), "Hello dear.")

@@ -64,6 +64,8 @@ def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
     default_voice = str(options.get("default_voice") or "").strip()
     if default_voice:
         args += ["--voice", default_voice]
+    if options.get("compile", False):
+        args.append("--compile")
     if not options.get("streaming", True):
         args.append("--no-streaming")
     args += ["--stream-text-by", str(options.get("stream_text_by", "words"))]
