@@ -50,9 +50,9 @@ class StopRules:
 class StaticKVCache:
     """Preallocated keys and values for a stack of decoder layers, batch of one.
 
-    The package's decoder layers take it in place of a transformers `Cache`: they only call
-    `update()`, which writes the step's keys and values in place and returns views of all
-    positions so far. Nothing is allocated per step unless the capacity must grow.
+    `update()` writes the step's keys and values in place and returns views of all positions so
+    far, the way a transformers `Cache` does (the package's own layers accept it too). Nothing is
+    allocated per step unless the capacity must grow.
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:

@@ -131,7 +131,7 @@ class GrowingKVCache:
         self.values: list[torch.Tensor | None] = [None] * layers
         self.length = 0
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, cache_kwargs=None):
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int):
         if self.keys[layer] is not None:
             keys = torch.cat((self.keys[layer], keys), dim=2)
             values = torch.cat((self.values[layer], values), dim=2)
