@@ -222,7 +222,7 @@ class SynthesisJob:
 
     def _decode(self, utterance: Utterance, codes: CodeChunk) -> None:
         """On the decode thread, without the lock."""
-        if self._cancelled:
+        if self._cancelled or self._failure is not None:  # nobody will hear it
             return
         try:
             chunk = utterance.decode(codes)
