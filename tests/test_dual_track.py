@@ -13,7 +13,7 @@ import torch
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from servers import ServerThread, read_until
-from test_engine_equivalence import official_codes_and_audio
+from test_engine_equivalence import official_greedy_codes_and_audio
 
 from wyoming_qwen3tts.engine.decode import ChunkSchedule
 from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
@@ -71,15 +71,13 @@ def test_incremental_tokens_equal_the_whole_text_tokens_whatever_the_split(custo
 
 @pytest.mark.parametrize("speaker", ["ryan", "dylan"])
 def test_text_given_up_front_gives_the_official_dual_track_codes(custom_voice_model, speaker):
-    official, _wav = official_codes_and_audio(
+    official, _wav = official_greedy_codes_and_audio(
         custom_voice_model,
         custom_voice_model.generate_custom_voice,
         text=TEXT,
         speaker=speaker,
         language="english",
         non_streaming_mode=False,
-        do_sample=False,
-        subtalker_dosample=False,
         max_new_tokens=FRAMES + 1,
     )
     ours, _utterance, _ = run_dual_track(custom_voice_model, PresetSpeaker(speaker), [TEXT])
@@ -98,14 +96,12 @@ def test_text_in_pieces_split_mid_word_gives_the_same_codes(custom_voice_model):
 def test_an_x_vector_clone_streams_its_text_with_the_official_codes(base_model, reference_sample):
     audio, sample_rate = reference_sample
     item = base_model.create_voice_clone_prompt(ref_audio=(audio, sample_rate), x_vector_only_mode=True)[0]
-    official, _wav = official_codes_and_audio(
+    official, _wav = official_greedy_codes_and_audio(
         base_model,
         base_model.generate_voice_clone,
         text=TEXT,
         language="english",
         voice_clone_prompt=[item],
-        do_sample=False,
-        subtalker_dosample=False,
         max_new_tokens=FRAMES + 1,
     )
     voice = ClonePrompt(speaker_embedding=item.ref_spk_embedding)

@@ -43,6 +43,11 @@ def official_codes_and_audio(wrapper, call, **kwargs):
     return captured["codes"], wavs[0]
 
 
+def official_greedy_codes_and_audio(wrapper, call, **kwargs):
+    """`official_codes_and_audio` with sampling off for both stages."""
+    return official_codes_and_audio(wrapper, call, do_sample=False, subtalker_dosample=False, **kwargs)
+
+
 def official_seeded_codes(wrapper, text, speaker, seed):
     """The stock path's codes with the checkpoint's sampling defaults from ``seed``, and our prompt."""
     torch.manual_seed(seed)
@@ -83,14 +88,12 @@ def expected_audio(official_wav, utterance, fade_samples=1920):
 @pytest.mark.parametrize(("speaker", "language"), [("Ryan", "english"), ("dylan", "auto")])
 def test_greedy_preset_voice_codes_and_audio_equal_official(custom_voice_model, text, speaker, language):
     wrapper = custom_voice_model
-    official, official_wav = official_codes_and_audio(
+    official, official_wav = official_greedy_codes_and_audio(
         wrapper,
         wrapper.generate_custom_voice,
         text=text,
         speaker=speaker,
         language=language,
-        do_sample=False,
-        subtalker_dosample=False,
         max_new_tokens=MAX_NEW_TOKENS,
     )
     prompt = build_prompt(wrapper, text, PresetSpeaker(speaker), language, non_streaming_mode=True)
@@ -133,14 +136,12 @@ def clone_items(base_model, reference_sample):
 def test_greedy_clone_codes_and_audio_equal_official(base_model, clone_items, mode, text):
     wrapper = base_model
     item = clone_items[mode]
-    official, official_wav = official_codes_and_audio(
+    official, official_wav = official_greedy_codes_and_audio(
         wrapper,
         wrapper.generate_voice_clone,
         text=text,
         language="english",
         voice_clone_prompt=[item],
-        do_sample=False,
-        subtalker_dosample=False,
         max_new_tokens=MAX_NEW_TOKENS,
     )
     voice = ClonePrompt(

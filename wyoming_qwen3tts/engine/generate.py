@@ -94,6 +94,7 @@ class GenerationState:
 
     prompt: TalkerPrompt
     sampling: SamplingOptions
+    predictor_sampling: PredictorSampling  # the code predictor's part of ``sampling``
     max_frames: int
     generator: torch.Generator | None
     talker_cache: StaticKVCache
@@ -180,6 +181,7 @@ class FrameGenerator:
         state = GenerationState(
             prompt=prompt,
             sampling=sampling,
+            predictor_sampling=PredictorSampling.of(sampling),
             max_frames=max(MIN_FRAMES, max_frames),
             generator=generator,
             talker_cache=StaticKVCache(layers, kv_heads, head_dim, capacity, self.dtype, self.device),
@@ -208,7 +210,7 @@ class FrameGenerator:
             if int(code0.item()) == self.eos_id:
                 state.finish_reason = "eos"
                 return None
-            rest = self.predictor.codes(state.last_hidden, code0, PredictorSampling.of(state.sampling), state.generator)
+            rest = self.predictor.codes(state.last_hidden, code0, state.predictor_sampling, state.generator)
             frame = torch.cat((code0, rest))
             state.frames += 1
             if state.frames >= state.max_frames:

@@ -74,10 +74,8 @@ def choose(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Pick one id per row of ``logits`` (float32, already penalised and masked)."""
-    if not do_sample:
-        return torch.argmax(logits, dim=-1)
-    probs = filtered_probabilities(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    noise = torch.empty_like(logits).exponential_(generator=generator) if do_sample else None
+    return choose_with_noise(logits, noise, temperature, top_k, top_p)
 
 
 def choose_with_noise(
@@ -86,8 +84,8 @@ def choose_with_noise(
     """`choose` with the random numbers drawn beforehand: greedy when ``noise`` is None.
 
     ``noise`` holds the exponential draws that `torch.multinomial` makes for one sample (it picks
-    the argmax of probs / noise). Drawing a whole frame's noise in one call yields the same numbers
-    from a CPU generator as one draw per step, so seeded runs still pick the stock codes, and a
+    the argmax of probs / noise), so seeded runs pick the stock codes. Drawing a whole frame's
+    noise in one call yields the same numbers from a CPU generator as one draw per step, and a
     compiled or captured frame loop needs no generator inside.
     """
     if noise is None:
