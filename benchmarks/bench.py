@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import StopRules
-from wyoming_qwen3tts.engine.loader import LoadOptions, parameter_bytes
-from wyoming_qwen3tts.server.app import WyomingTtsServer, build_catalog
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.loader import parameter_bytes
+from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.request import SpeechRequests
+from wyoming_qwen3tts.serve import build_catalog
+from wyoming_qwen3tts.server.app import WyomingOptions, WyomingTtsServer
 from wyoming_qwen3tts.settings import Settings
 
 # One sentence: both paths generate it as one utterance.
@@ -90,7 +92,7 @@ class ServerThread:
             self.loop = asyncio.get_running_loop()
             self.stop_event = asyncio.Event()
             catalog = await build_catalog(engine, settings, [])
-            server = WyomingTtsServer(settings, engine, catalog)
+            server = WyomingTtsServer(settings.wyoming, SpeechRequests(engine, catalog, settings.requests))
             await server.start()
             ready.set()
             await self.stop_event.wait()
@@ -187,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm up both paths (first calls allocate and load kernels).
     stock_run(engine, 2)
-    settings = replace(Settings(), uri="tcp://127.0.0.1:0", stop=stop, request=RequestOptions())
     port = _free_port()
-    settings = replace(settings, uri=f"tcp://127.0.0.1:{port}")
+    settings = Settings(wyoming=WyomingOptions(uri=f"tcp://127.0.0.1:{port}"))
     server = ServerThread(engine, settings)
     asyncio.run(one_stream(port, "Ryan"))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import voice_like_sample
 
 from wyoming_qwen3tts.dev.tiny_checkpoint import build_checkpoint
 from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
@@ -39,18 +40,6 @@ def custom_voice_model(checkpoints, cpu_placement):
 def base_model(checkpoints, cpu_placement):
     """The official wrapper around the tiny Base checkpoint."""
     return load_model(checkpoints["base"], cpu_placement)
-
-
-def voice_like_sample(seconds: float = 3.0, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
-    """A voiced, syllable-like test signal: harmonics with vibrato under a 4 Hz envelope."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    pitch = 140 + 15 * np.sin(2 * np.pi * 5 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = 0.5 * (1 - np.cos(2 * np.pi * 4 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.7 * t))
-    noise = 0.02 * rng.standard_normal(t.shape)
-    return (0.25 * voiced * envelope + noise).astype(np.float32)
 
 
 @pytest.fixture(scope="session")

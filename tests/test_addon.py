@@ -17,13 +17,14 @@ import yaml
 from aiohttp import web
 from packaging.requirements import Requirement
 
-from servers import ServerThread
+from helpers import ServerThread
 
 from wyoming_qwen3tts import __version__
 from wyoming_qwen3tts.addon.discovery import announce
 from wyoming_qwen3tts.addon.healthcheck import describe
 from wyoming_qwen3tts.clone_voices import read_voices_file
-from wyoming_qwen3tts.engine.engine import EngineOptions, SpeechEngine
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions
 from wyoming_qwen3tts.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,10 +166,10 @@ def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
         "--data-dir", "/data",
         "--model", "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice",
         "--clone-model", "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
-        "--device", "auto",
-        "--dtype", "auto",
         "--voices", str(tmp_path / "options.json"),
         "--voices-dir", "/share/qwen3tts",
+        "--device", "auto",
+        "--dtype", "auto",
         "--log-level", "info",
         "--stream-text-by", "words",
     ]
@@ -207,13 +208,13 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     assert "--no-streaming" in args
     # The server gets these very arguments, and reads the clone voices from options.json.
     settings = Settings.from_args(args, {})
-    assert settings.voices_file == tmp_path / "options.json" and not settings.streaming
-    assert settings.stream_text_by == "sentences"
-    assert settings.model == "/share/qwen3tts/models/my model" and settings.load.device == "cuda"
-    assert settings.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
-    assert (settings.http_port, settings.http_host, settings.http_api_key) == (10201, "0.0.0.0", "s3cret key")
-    assert settings.http_clones and settings.load.compile
-    entries = read_voices_file(settings.voices_file, settings.samples_dir)
+    assert settings.voices.voices_file == tmp_path / "options.json" and not settings.wyoming.streaming
+    assert settings.requests.stream_text_by == "sentences"
+    assert settings.engine.model == "/share/qwen3tts/models/my model" and settings.engine.load.device == "cuda"
+    assert settings.wyoming.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
+    assert (settings.http.port, settings.http.host, settings.http.api_key) == (10201, "0.0.0.0", "s3cret key")
+    assert settings.http.clones and settings.engine.load.compile
+    entries = read_voices_file(settings.voices.voices_file, settings.samples_dir)
     assert [(e.name, e.audio, e.transcript) for e in entries] == [
         ("Grandma", Path("/share/qwen3tts/grandma.wav"), "Hello dear.")
     ]
@@ -268,7 +269,7 @@ def wyoming_server(checkpoints):
 
 
 async def test_healthcheck_answers_true_only_when_the_server_describes_itself(wyoming_server):
-    from servers import free_port
+    from helpers import free_port
 
     assert await describe("127.0.0.1", wyoming_server.port)
     assert not await describe("127.0.0.1", free_port(), timeout=2)
@@ -299,6 +300,6 @@ async def test_discovery_is_posted_to_the_supervisor_once_the_server_answers(wyo
 
 
 async def test_discovery_gives_up_when_the_server_never_answers():
-    from servers import free_port
+    from helpers import free_port
 
     assert not await asyncio.wait_for(announce(free_port(), "http://127.0.0.1:9", "t", wait=1.5), timeout=20)

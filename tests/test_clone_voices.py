@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -14,16 +13,16 @@ import torch
 import yaml
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from conftest import voice_like_sample
-from servers import ServerThread, is_one_audio_cycle, read_until
+from helpers import ServerThread, is_one_audio_cycle, read_until, voice_like_sample
 
-from wyoming_qwen3tts.clone_cache import ClonePromptCache, checkpoint_identity
-from wyoming_qwen3tts.engine.engine import RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import StopRules
-from wyoming_qwen3tts.engine.prompt import ClonePrompt
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.engine.clone_cache import ClonePromptCache, checkpoint_identity
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
+from wyoming_qwen3tts.request import RequestLayerOptions
+from wyoming_qwen3tts.speech import ClonePrompt, RequestOptions, SamplingOptions
+from wyoming_qwen3tts.voices import VoiceOptions
 from wyoming_qwen3tts.reference_audio import ReferenceAudioError, read_reference
-from wyoming_qwen3tts.server.app import prepare
+from wyoming_qwen3tts.serve import prepare
 from wyoming_qwen3tts.settings import Settings
 from wyoming_qwen3tts.voices import preset_voices
 
@@ -52,29 +51,11 @@ def settings_for(checkpoints, tmp_path, voices, samples_dir, **extra) -> Setting
     voices_file = tmp_path / "voices.yaml"
     voices_file.write_text(yaml.safe_dump({"voices": voices}))
     return Settings(
-        model=str(checkpoints["custom_voice"]),
-        clone_model=str(checkpoints["base"]),
-        data_dir=tmp_path / "data",
-        voices_file=voices_file,
-        voices_dir=samples_dir,
-        stop=STOP,
-        request=GREEDY,
+        engine=EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), data_dir=tmp_path / "data", stop=STOP),
+        voices=VoiceOptions(voices_file=voices_file, voices_dir=samples_dir),
+        requests=RequestLayerOptions(defaults=GREEDY),
         **extra,
     )
-
-
-class PromptCounter:
-    """Counts clone prompts actually computed by the model."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = SpeechEngine.create_clone_prompt
-
-        async def counting(engine, *args, **kwargs):
-            self.calls += 1
-            return await original(engine, *args, **kwargs)
-
-        monkeypatch.setattr(SpeechEngine, "create_clone_prompt", counting)
 
 
 GOOD_VOICES = [
@@ -92,7 +73,7 @@ def test_presets_come_from_the_checkpoint_speaker_table(checkpoints, tmp_path, c
     config["talker_config"]["spk_id"] = {"alice": 3000, "zed": 3001}
     config["talker_config"]["spk_is_dialect"] = {"alice": False, "zed": "sichuan_dialect"}
     (folder / "config.json").write_text(json.dumps(config))
-    engine = SpeechEngine.load(Settings(model=str(folder), data_dir=tmp_path).engine_options(False))
+    engine = SpeechEngine.load(EngineOptions(model=str(folder), data_dir=tmp_path))
     try:
         voices = {v.name: v for v in preset_voices(engine)}
     finally:
@@ -105,7 +86,8 @@ def test_presets_come_from_the_checkpoint_speaker_table(checkpoints, tmp_path, c
 async def test_clone_voices_in_several_formats_are_advertised_and_spoken(checkpoints, tmp_path, samples_dir, caplog):
     caplog.set_level(logging.INFO)
     settings = settings_for(checkpoints, tmp_path, GOOD_VOICES, samples_dir)
-    engine, catalog = await prepare(settings)
+    requests = await prepare(settings)
+    engine, catalog = requests.backend, requests.catalog
     server = ServerThread(settings, engine, catalog)
     try:
         async with server.client() as client:
@@ -141,26 +123,32 @@ async def test_clone_voices_in_several_formats_are_advertised_and_spoken(checkpo
 
 
 async def test_no_clone_voices_means_no_base_model(checkpoints, tmp_path):
-    settings = Settings(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), data_dir=tmp_path)
-    engine, catalog = await prepare(settings)
+    settings = Settings(engine=EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), data_dir=tmp_path))
+    requests = await prepare(settings)
+    engine, catalog = requests.backend, requests.catalog
     engine.close()
     assert not engine.can_clone and set(engine.runtimes) == {"custom_voice"}
     assert len(catalog.voices) == 9
 
 
-async def test_prompts_are_cached_across_starts_and_rebuilt_when_corrupt(checkpoints, tmp_path, samples_dir, monkeypatch, caplog):
-    counter = PromptCounter(monkeypatch)
-    settings = settings_for(checkpoints, tmp_path, GOOD_VOICES[:2], samples_dir)
+async def start_computing(settings):
+    """The catalog of a fresh start, and how many clone prompts that start had to compute."""
+    requests = await prepare(settings)
+    requests.backend.close()
+    return requests.catalog, requests.backend.clones_computed
 
-    engine, first = await prepare(settings)
-    engine.close()
-    assert counter.calls == 2
-    cached = sorted(settings.clone_cache_dir.glob("*.pt"))
+
+async def test_prompts_are_cached_across_starts_and_rebuilt_when_corrupt(checkpoints, tmp_path, samples_dir, caplog):
+    settings = settings_for(checkpoints, tmp_path, GOOD_VOICES[:2], samples_dir)
+    cache_dir = settings.engine.clone_cache_dir
+
+    first, computed = await start_computing(settings)
+    assert computed == 2
+    cached = sorted(cache_dir.glob("*.pt"))
     assert len(cached) == 2
 
-    engine, second = await prepare(settings)  # a restart: same files, same checkpoint
-    engine.close()
-    assert counter.calls == 2, "the second start must not recompute any prompt"
+    second, computed = await start_computing(settings)  # a restart: same files, same checkpoint
+    assert computed == 0, "the second start must not recompute any prompt"
     for name in ("Grandma", "Uncle Bob"):
         a, b = first.find(name).spec, second.find(name).spec
         assert torch.equal(a.speaker_embedding, b.speaker_embedding)
@@ -168,19 +156,16 @@ async def test_prompts_are_cached_across_starts_and_rebuilt_when_corrupt(checkpo
 
     cached[0].write_bytes(b"not a torch file")
     caplog.set_level(logging.WARNING)
-    engine, third = await prepare(settings)
-    engine.close()
-    assert counter.calls == 3, "only the corrupt entry is computed again"
+    third, computed = await start_computing(settings)
+    assert computed == 1, "only the corrupt entry is computed again"
     assert "unreadable" in caplog.text
     assert {"Grandma", "Uncle Bob"} <= set(third.names)
 
     write_sample(samples_dir / "grandma2.wav", "WAV", 24000, seconds=5.0)
-    changed = dataclasses.replace(settings)
-    changed.voices_file.write_text(yaml.safe_dump({"voices": [{**GOOD_VOICES[0], "audio": "grandma2.wav"}]}))
-    engine, _ = await prepare(changed)
-    engine.close()
-    assert counter.calls == 4, "a changed sample gets a new entry"
-    assert len(list(settings.clone_cache_dir.glob("*.pt"))) == 3
+    settings.voices.voices_file.write_text(yaml.safe_dump({"voices": [{**GOOD_VOICES[0], "audio": "grandma2.wav"}]}))
+    _catalog, computed = await start_computing(settings)
+    assert computed == 1, "a changed sample gets a new entry"
+    assert len(list(cache_dir.glob("*.pt"))) == 3
 
 
 def test_the_cache_key_follows_the_checkpoint_weights(checkpoints, tmp_path):
@@ -214,8 +199,9 @@ async def test_each_kind_of_broken_entry_is_skipped_with_its_reason(checkpoints,
         "just a string",
     ]
     caplog.set_level(logging.INFO)
-    engine, catalog = await prepare(settings_for(checkpoints, tmp_path, voices, samples_dir))
-    engine.close()
+    requests = await prepare(settings_for(checkpoints, tmp_path, voices, samples_dir))
+    requests.backend.close()
+    catalog = requests.catalog
     clones = [v.name for v in catalog.voices if isinstance(v.spec, ClonePrompt)]
     assert clones == ["Grandma"]
     log = caplog.text
@@ -263,10 +249,10 @@ async def test_identical_speech_tokenizers_are_loaded_once(checkpoints, tmp_path
     shutil.rmtree(base / "speech_tokenizer")
     shutil.copytree(checkpoints["custom_voice"] / "speech_tokenizer", base / "speech_tokenizer")
     shared = SpeechEngine.load(
-        Settings(model=str(checkpoints["custom_voice"]), clone_model=str(base), data_dir=tmp_path).engine_options(True)
+        EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(base), data_dir=tmp_path)
     )
     separate = SpeechEngine.load(
-        Settings(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), data_dir=tmp_path).engine_options(True)
+        EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), data_dir=tmp_path)
     )
     shared.close()
     separate.close()

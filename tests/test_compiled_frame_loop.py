@@ -9,19 +9,14 @@ import logging
 
 import pytest
 import torch
-from test_engine_equivalence import (
-    MAX_NEW_TOKENS,
-    TEXTS,
-    official_greedy_codes_and_audio,
-    official_seeded_codes,
-)
+
+from helpers import MAX_NEW_TOKENS, TEXTS, official_greedy_codes_and_audio, official_seeded_codes
 
 from wyoming_qwen3tts.engine import predictor as predictor_module
 from wyoming_qwen3tts.engine.generate import FrameGenerator, StaticKVCache
 from wyoming_qwen3tts.engine.layers import DecoderStack
-from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.speech import SamplingOptions
 
 FRAMES = MAX_NEW_TOKENS - 1
 
@@ -87,15 +82,10 @@ def test_plain_layers_equal_the_package_layers_bit_for_bit(custom_voice_model):
 def test_compiled_loop_draws_the_official_seeded_codes(custom_voice_model, compiled_generator, default_sampling):
     official, prompt = official_seeded_codes(custom_voice_model, TEXTS[1], "Serena", seed=77)
 
-    calls = []
-    compiled = compiled_generator.predictor._compiled[PredictorSampling.of(default_sampling)]
-    compiled_generator.predictor._compiled[PredictorSampling.of(default_sampling)] = lambda *a: calls.append(1) or compiled(*a)
-    try:
-        ours = generate(compiled_generator, prompt, default_sampling.with_seed(77))
-    finally:
-        compiled_generator.predictor._compiled[PredictorSampling.of(default_sampling)] = compiled
-
-    assert len(calls) == len(ours), "every frame's codebooks 1-15 should come from the compiled loop"
+    compiled_before = compiled_generator.predictor.compiled_frames
+    ours = generate(compiled_generator, prompt, default_sampling.with_seed(77))
+    compiled = compiled_generator.predictor.compiled_frames - compiled_before
+    assert compiled == len(ours), "every frame's codebooks 1-15 should come from the compiled loop"
     assert torch.equal(ours, official)
 
 

@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
-import threading
 import time
 
 import pytest
 import torch
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from servers import ServerThread, read_until
-from test_engine_equivalence import official_greedy_codes_and_audio
+from helpers import CodeRecorder, ServerThread, advance, official_greedy_codes_and_audio, read_until
 
-from wyoming_qwen3tts.engine.decode import ChunkSchedule
-from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import StopRules
-from wyoming_qwen3tts.engine.prompt import ClonePrompt, DualTrackPrompt, PresetSpeaker
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import ChunkSchedule, EngineOptions, StopRules
+from wyoming_qwen3tts.engine.prompt import DualTrackPrompt
 from wyoming_qwen3tts.engine.text_feed import IncrementalTokenizer, TextFeed
 from wyoming_qwen3tts.engine.utterance import ModelRuntime, Utterance
+from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
+from wyoming_qwen3tts.speech import ClonePrompt, PresetSpeaker, RequestOptions, SamplingOptions
 
 GREEDY = SamplingOptions().greedy()
 TEXT = "Turn off the kitchen lights, please. It's getting late (almost 11 pm) and I'm tired!"
@@ -41,15 +38,15 @@ def run_dual_track(wrapper, voice, pieces: list[str], advances_between: int = 3,
     for index, piece in enumerate(pieces):
         feed.append(piece)
         for _ in range(rng.randint(0, advances_between)):
-            chunk = utterance.advance()
+            chunk, frames = advance(utterance)
             if chunk is not None:
-                codes.append(torch.from_numpy(chunk.codes))
+                codes.append(frames)
                 first_audio_after = index if first_audio_after is None else first_audio_after
     feed.finish()
     while not utterance.finished:
-        chunk = utterance.advance()
+        chunk, frames = advance(utterance)
         if chunk is not None:
-            codes.append(torch.from_numpy(chunk.codes))
+            codes.append(frames)
     return torch.cat(codes), utterance, first_audio_after
 
 
@@ -128,33 +125,29 @@ async def test_text_arriving_with_delays_through_the_engine_gives_the_up_front_c
                 await asyncio.sleep(delay)
             job.finish()
 
-        task = asyncio.create_task(writer())
-        frames = [torch.from_numpy(chunk.codes) async for chunk in job]
-        await task
-        return torch.cat(frames)
+        with CodeRecorder(engine) as recorder:
+            task = asyncio.create_task(writer())
+            chunks = [chunk async for chunk in job]
+            await task
+        assert sum(chunk.frames for chunk in chunks) == recorder.of(job).shape[0]
+        return recorder.of(job)
 
     up_front = await codes([TEXT], 0)
     streamed = await codes(["Turn off the kit", "chen lights, ple", TEXT[len("Turn off the kitchen lights, ple") :]], 0.15)
     assert torch.equal(streamed, up_front)
 
 
+def settings_with(stream_text_by: str) -> Settings:
+    return Settings(requests=RequestLayerOptions(stream_text_by=stream_text_by, defaults=RequestOptions(sampling=GREEDY)))
+
+
 def process_cpu_seconds() -> float:
     return time.process_time()
 
 
-async def test_a_stall_waits_without_spinning_and_a_disconnect_frees_the_engine(engine, monkeypatch):
-    runtime = engine.runtimes["custom_voice"]
-    steps = {"count": 0}
-    original = runtime.frames.step
-    lock = threading.Lock()
-
-    def counting(state):
-        with lock:
-            steps["count"] += 1
-        return original(state)
-
-    monkeypatch.setattr(runtime.frames, "step", counting)
-    server = ServerThread(dataclasses.replace(Settings(request=RequestOptions(sampling=GREEDY))), engine)
+async def test_a_stall_waits_without_spinning_and_a_disconnect_frees_the_engine(engine):
+    frames = engine.runtimes["custom_voice"].frames
+    server = ServerThread(settings_with("words"), engine)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         from wyoming.event import async_read_event, async_write_event
@@ -164,9 +157,9 @@ async def test_a_stall_waits_without_spinning_and_a_disconnect_frees_the_engine(
         first = await asyncio.wait_for(async_read_event(reader), timeout=30)
         assert first.type == "audio-start"
         await asyncio.sleep(0.5)  # let it use up the words it has
-        before_steps, before_cpu = steps["count"], process_cpu_seconds()
+        before_frames, before_cpu = frames.frames_generated, process_cpu_seconds()
         await asyncio.sleep(1.5)  # the stall: connected, no text
-        stalled_steps, stalled_cpu = steps["count"] - before_steps, process_cpu_seconds() - before_cpu
+        stalled_frames, stalled_cpu = frames.frames_generated - before_frames, process_cpu_seconds() - before_cpu
         assert engine.worker.active_jobs == 1
         writer.close()
         freed = False
@@ -177,13 +170,13 @@ async def test_a_stall_waits_without_spinning_and_a_disconnect_frees_the_engine(
             await asyncio.sleep(0.05)
     finally:
         server.stop()
-    assert stalled_steps <= 1, f"{stalled_steps} frame steps during a stall"
+    assert stalled_frames <= 1, f"{stalled_frames} frames generated during a stall"
     assert stalled_cpu < 0.3, f"{stalled_cpu:.2f} s of CPU during a 1.5 s stall"
     assert freed, "a client leaving during a stall must free the engine"
 
 
 async def test_over_wyoming_audio_starts_before_the_first_sentence_is_complete(engine):
-    server = ServerThread(Settings(request=RequestOptions(sampling=GREEDY), stream_text_by="words"), engine)
+    server = ServerThread(settings_with("words"), engine)
     words = "When you get home tonight the heating will already be on and the porch light".split()
     try:
         async with server.client() as client:
@@ -210,7 +203,7 @@ async def test_over_wyoming_audio_starts_before_the_first_sentence_is_complete(e
 
 
 async def test_sentence_mode_waits_for_the_sentence(engine):
-    server = ServerThread(Settings(request=RequestOptions(sampling=GREEDY), stream_text_by="sentences"), engine)
+    server = ServerThread(settings_with("sentences"), engine)
     try:
         async with server.client() as client:
             await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name="Ryan")).event())

@@ -10,52 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from wyoming_qwen3tts.engine.decode import ChunkSchedule
-from wyoming_qwen3tts.engine.generate import FrameGenerator, StopRules
-from wyoming_qwen3tts.engine.prompt import ClonePrompt, PresetSpeaker, build_prompt
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from helpers import MAX_NEW_TOKENS, TEXTS, official_greedy_codes_and_audio, official_seeded_codes
+
+from wyoming_qwen3tts.engine.generate import FrameGenerator
+from wyoming_qwen3tts.engine.options import ChunkSchedule, StopRules
+from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.utterance import ModelRuntime, Utterance, fade_out
-
-TEXTS = [
-    "Hello.",
-    "Turn off the kitchen lights, please.",
-    "It is twenty one degrees inside. Light rain is expected tonight! Shall I close the windows?",
-]
-MAX_NEW_TOKENS = 24  # the package then returns at most 23 frames
-
-
-def official_codes_and_audio(wrapper, call, **kwargs):
-    """Run an official generate_* call and capture the codes it decoded."""
-    captured = {}
-    original = wrapper.model.generate
-
-    def capture(*args, **kw):
-        codes, hidden = original(*args, **kw)
-        captured["codes"] = codes[0]
-        return codes, hidden
-
-    wrapper.model.generate = capture
-    try:
-        wavs, sample_rate = call(**kwargs)
-    finally:
-        wrapper.model.generate = original
-    assert sample_rate == 24000
-    return captured["codes"], wavs[0]
-
-
-def official_greedy_codes_and_audio(wrapper, call, **kwargs):
-    """`official_codes_and_audio` with sampling off for both stages."""
-    return official_codes_and_audio(wrapper, call, do_sample=False, subtalker_dosample=False, **kwargs)
-
-
-def official_seeded_codes(wrapper, text, speaker, seed):
-    """The stock path's codes with the checkpoint's sampling defaults from ``seed``, and our prompt."""
-    torch.manual_seed(seed)
-    official, _wav = official_codes_and_audio(
-        wrapper, wrapper.generate_custom_voice, text=text, speaker=speaker, language="english", max_new_tokens=MAX_NEW_TOKENS
-    )
-    return official, build_prompt(wrapper, text, PresetSpeaker(speaker), "english", non_streaming_mode=True)
-
+from wyoming_qwen3tts.speech import ClonePrompt, PresetSpeaker, SamplingOptions
 
 def our_codes(wrapper, prompt, sampling, frames):
     generator = FrameGenerator(wrapper.model)
@@ -70,13 +31,14 @@ def our_streamed_audio(wrapper, prompt, frames, schedule=ChunkSchedule(first_fra
     runtime = ModelRuntime.create(wrapper)
     stop = StopRules(base_frames=frames, frames_per_token=0, max_frames=frames)
     utterance = Utterance(runtime, prompt, SamplingOptions().greedy(), stop, schedule)
-    chunks = []
+    chunks, codes = [], []
     while not utterance.finished:
-        chunk = utterance.advance()
-        if chunk is not None:
-            chunks.append(chunk)
+        frames = utterance.advance_codes()
+        if frames is not None:
+            codes.append(frames.codes.numpy())
+            chunks.append(utterance.decode(frames))
     assert len(chunks) > 1, "the audio should arrive in several chunks"
-    return np.concatenate([c.audio for c in chunks]), np.concatenate([c.codes for c in chunks]), utterance
+    return np.concatenate([c.audio for c in chunks]), np.concatenate(codes), utterance
 
 
 def expected_audio(official_wav, utterance, fade_samples=1920):

@@ -14,14 +14,15 @@ import openai
 import pytest
 import soundfile
 
-from conftest import voice_like_sample
-from servers import ServerThread
+from helpers import ServerThread, voice_like_sample
 
-from wyoming_qwen3tts.clone_cache import ClonePrompts
-from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import StopRules
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
+from wyoming_qwen3tts.http_api.app import HttpApiOptions
+from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
+from wyoming_qwen3tts.speech import RequestOptions, SamplingOptions
+from wyoming_qwen3tts.voices import VoiceOptions
 
 STOP = StopRules(base_frames=4, frames_per_token=0.25, max_frames=40)
 KEY = "test-key"
@@ -42,18 +43,15 @@ def voices_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoints, voices_dir, tmp_path_factory):
-    engine = SpeechEngine.load(
-        EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), stop=STOP)
+    engine_options = EngineOptions(
+        model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), stop=STOP, data_dir=tmp_path_factory.mktemp("http-data")
     )
+    engine = SpeechEngine.load(engine_options)
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("http-data"),
-        voices_dir=voices_dir,
-        stop=STOP,
-        request=RequestOptions(sampling=SamplingOptions().greedy()),
-        http_port=0,
-        http_api_key=KEY,
-        http_clones=True,
-        http_max_body_bytes=2 << 20,
+        engine=engine_options,
+        voices=VoiceOptions(voices_dir=voices_dir),
+        requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy())),
+        http=HttpApiOptions(port=0, api_key=KEY, clones=True, max_body_bytes=2 << 20, max_reference_bytes=2 << 20),
     )
     server = ServerThread(settings, engine)
     yield server
@@ -133,21 +131,8 @@ def test_sse_stream_carries_base64_pcm_and_a_done_event(server):
     assert len(pcm) > 0 and len(pcm) % 2 == 0
 
 
-class ComputeCounter:
-    def __init__(self, monkeypatch):
-        self.computed = 0
-        original = ClonePrompts.get
-
-        async def counting(prompts, *args, **kwargs):
-            prompt, computed = await original(prompts, *args, **kwargs)
-            self.computed += computed
-            return prompt, computed
-
-        monkeypatch.setattr(ClonePrompts, "get", counting)
-
-
-def test_one_off_clone_through_extra_body_is_spoken_and_cached(client, monkeypatch):
-    counter = ComputeCounter(monkeypatch)
+def test_one_off_clone_through_extra_body_is_spoken_and_cached(client, server):
+    computed_before = server.engine.clones_computed
     buffer = io.BytesIO()
     soundfile.write(buffer, voice_like_sample(5.0, 16000, seed=3), 16000, format="FLAC")
     data_uri = "data:audio/flac;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -155,7 +140,7 @@ def test_one_off_clone_through_extra_body_is_spoken_and_cached(client, monkeypat
     first = client.audio.speech.create(model="x", voice="anything", input=SHORT, response_format="wav", extra_body=extra)
     second = client.audio.speech.create(model="x", voice="anything", input=SHORT, response_format="wav", extra_body=extra)
     preset = client.audio.speech.create(model="x", voice="ryan", input=SHORT, response_format="wav")
-    assert counter.computed == 1, "the second request reuses the cached prompt"
+    assert server.engine.clones_computed - computed_before == 1, "the second request reuses the cached prompt"
     assert first.content == second.content != preset.content
 
     by_path = client.audio.speech.create(
@@ -199,7 +184,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     expect_error(lambda: speech(model="x", voice="ryan", input=SHORT, response_format="aac"), 400, "'aac' is not supported")
     expect_error(lambda: speech(model="x", voice="ryan", input=SHORT, speed=1.5), 400, "speed")
     expect_error(lambda: speech(model="x", voice="ryan", input="   "), 400, "'input' is empty")
-    for path in ("../outside.wav", str(server.settings.voices_dir.parent / "outside.wav"), "/etc/passwd", "escape.wav", "file:///etc/passwd"):
+    for path in ("../outside.wav", str(server.settings.samples_dir.parent / "outside.wav"), "/etc/passwd", "escape.wav", "file:///etc/passwd"):
         body = expect_error(lambda path=path: speech(model="x", voice="x", input=SHORT, extra_body={"reference_audio": path}), 403, "outside the voices folder")
         assert body["type"] == "permission_error"
     expect_error(lambda: speech(model="x", voice="x", input=SHORT, extra_body={"reference_audio": "missing.wav"}), 400, "no file")
@@ -230,10 +215,10 @@ def test_models_voices_and_health(client, server):
 
 def test_the_http_api_listens_on_loopback_unless_configured():
     settings = Settings.from_args(["--http-port", "10201"], {})
-    assert settings.http_port == 10201 and settings.http_host == "127.0.0.1"
-    assert Settings.from_args([], {}).http_port is None
+    assert settings.http.port == 10201 and settings.http.host == "127.0.0.1"
+    assert Settings.from_args([], {}).http is None
     opened = Settings.from_args(["--http-port", "8000", "--http-host", "0.0.0.0", "--http-api-key", "k"], {})
-    assert opened.http_host == "0.0.0.0" and opened.http_api_key == "k"
+    assert opened.http.host == "0.0.0.0" and opened.http.api_key == "k"
 
 
 def test_concurrent_http_and_parallel_requests_share_the_engine(client):

@@ -22,13 +22,14 @@ SPEAK_ONE_SENTENCE = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from wyoming_qwen3tts.engine.engine import EngineOptions, SpeechEngine
+    from wyoming_qwen3tts.engine.engine import SpeechEngine
     from wyoming_qwen3tts.engine.loader import ModelUnavailableError
-    from wyoming_qwen3tts.engine.prompt import PresetSpeaker
+    from wyoming_qwen3tts.engine.options import EngineOptions
+    from wyoming_qwen3tts.speech import PresetSpeaker
 
     async def main():
         try:
-            engine = SpeechEngine.load(EngineOptions(model=sys.argv[1], models_dir=Path(sys.argv[2])))
+            engine = SpeechEngine.load(EngineOptions(model=sys.argv[1], data_dir=Path(sys.argv[2])))
         except ModelUnavailableError as err:
             print("UNAVAILABLE:", err)
             sys.exit(3)
@@ -153,7 +154,7 @@ def test_the_text_embedding_can_live_in_cpu_memory_without_changing_the_codes(ch
     from wyoming_qwen3tts.engine.generate import FrameGenerator
     from wyoming_qwen3tts.engine.loader import CpuEmbedding, load_model
     from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
-    from wyoming_qwen3tts.engine.sampling import SamplingOptions
+    from wyoming_qwen3tts.speech import SamplingOptions
 
     import torch
 

@@ -12,15 +12,17 @@ import soundfile
 import yaml
 from wyoming.tts import Synthesize, SynthesizeVoice
 
-from conftest import voice_like_sample
-from servers import ServerThread, free_port, is_one_audio_cycle, read_until
-from vllm_omni_double import MODEL, VllmOmniDouble
+from helpers import ServerThread, free_port, is_one_audio_cycle, read_until, voice_like_sample
+from vllm_omni_double import BASE_MODEL, VllmOmniDouble
 
-from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import StopRules
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
+from wyoming_qwen3tts.http_api.app import HttpApiOptions
 from wyoming_qwen3tts.remote.engine import RemoteOptions
+from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
+from wyoming_qwen3tts.speech import RequestOptions, SamplingOptions
+from wyoming_qwen3tts.voices import VoiceOptions
 
 TRANSCRIPT = "Hello dear, come in and sit down."
 
@@ -37,7 +39,9 @@ def sample_dir(tmp_path):
 def front_settings(urls, sample_dir=None, **remote) -> Settings:
     settings = Settings(remote=RemoteOptions(urls=tuple(urls), retry_after=0.5, **remote))
     if sample_dir is not None:
-        settings = dataclasses.replace(settings, voices_file=sample_dir / "voices.yaml", data_dir=sample_dir / "data")
+        settings = dataclasses.replace(
+            settings, voices=VoiceOptions(voices_file=sample_dir / "voices.yaml"), engine=EngineOptions(data_dir=sample_dir / "data")
+        )
     return settings
 
 
@@ -49,7 +53,7 @@ async def speak(server, text: str, voice: str):
 
 @pytest.mark.parametrize("accepts_uploads", [False, True], ids=["per-request-sample", "uploaded-once"])
 async def test_requests_have_vllm_omni_shape(sample_dir, accepts_uploads):
-    double = VllmOmniDouble(free_port(), accepts_uploads=accepts_uploads)
+    double = VllmOmniDouble(free_port(), accepts_uploads=accepts_uploads, model=BASE_MODEL)
     double.start()
     front = ServerThread(front_settings([double.url], sample_dir))
     try:
@@ -61,7 +65,7 @@ async def test_requests_have_vllm_omni_shape(sample_dir, accepts_uploads):
         double.stop()
     for cycle in (preset, clone_first, clone_again):
         assert is_one_audio_cycle(cycle.types) and len(cycle.audio) == 2 * 24000
-    common = {"model": MODEL, "language": "Auto", "response_format": "pcm", "stream": True, "stream_format": "audio"}
+    common = {"model": BASE_MODEL, "language": "Auto", "response_format": "pcm", "stream": True, "stream_format": "audio"}
     assert double.speech_requests[0] == {**common, "input": "Hello there.", "voice": "ryan", "task_type": "CustomVoice"}
     sample = (sample_dir / "grandma.wav").read_bytes()
     if accepts_uploads:
@@ -144,10 +148,13 @@ async def test_an_unknown_voice_at_the_remote_is_a_clean_error(sample_dir):
 async def test_a_clone_voice_through_a_second_instance_as_remote(checkpoints, sample_dir):
     stop = StopRules(base_frames=4, frames_per_token=0.25, max_frames=40)
     engine = SpeechEngine.load(
-        EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), stop=stop)
+        EngineOptions(model=str(checkpoints["custom_voice"]), clone_model=str(checkpoints["base"]), stop=stop, data_dir=sample_dir / "backend")
     )
     backend = ServerThread(
-        Settings(http_port=0, http_clones=True, stop=stop, request=RequestOptions(sampling=SamplingOptions().greedy()), data_dir=sample_dir / "backend"),
+        Settings(
+            http=HttpApiOptions(port=0, clones=True),
+            requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy())),
+        ),
         engine,
     )
     front = ServerThread(front_settings([backend.http_url], sample_dir))
@@ -160,3 +167,24 @@ async def test_a_clone_voice_through_a_second_instance_as_remote(checkpoints, sa
         engine.close()
     assert is_one_audio_cycle(clone.types) and len(clone.audio) > 0
     assert clone.audio != preset.audio
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
+def test_a_remote_url_may_be_given_with_or_without_v1(suffix):
+    assert RemoteOptions(urls=(f"http://gpu-box:8091{suffix}",)).urls == ("http://gpu-box:8091",)
+
+
+async def test_a_remote_serving_only_presets_does_not_clone_and_says_so(sample_dir, caplog):
+    double = VllmOmniDouble(free_port())  # a CustomVoice model: presets only
+    double.start()
+    front = ServerThread(front_settings([double.url + "/v1"], sample_dir))
+    try:
+        assert not front.engine.can_clone
+        cycle = await speak(front, "Hello there.", "Ryan")
+        refused = await speak(front, "Dinner is ready.", "Grandma")
+    finally:
+        front.stop()
+        double.stop()
+    assert is_one_audio_cycle(cycle.types)
+    assert refused.types == ["error"] and "Unknown voice 'Grandma'" in refused.events[0].data["text"]
+    assert "this backend cannot clone: Grandma skipped" in caplog.text

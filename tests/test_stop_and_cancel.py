@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from wyoming_qwen3tts.engine.decode import ChunkSchedule
-from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import MIN_FRAMES, StopRules
+from helpers import drain
+
+from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import load_model
-from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.engine.options import MIN_FRAMES, ChunkSchedule, EngineOptions, StopRules
+from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.utterance import ModelRuntime, Utterance
-from wyoming_qwen3tts.engine.worker import JobCancelled
+from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions, SamplingOptions
 
 GREEDY = SamplingOptions().greedy()
 LONG_TEXT = "Turn off the kitchen lights and set a timer for ten minutes, then tell me the weather."
@@ -40,12 +40,8 @@ def run_utterance(wrapper, text, stop, schedule=ChunkSchedule()):
     runtime = ModelRuntime.create(wrapper)
     prompt = build_prompt(wrapper, text, PresetSpeaker("ryan"), "english")
     utterance = Utterance(runtime, prompt, GREEDY, stop, schedule)
-    chunks = []
-    while not utterance.finished:
-        chunk = utterance.advance()
-        if chunk is not None:
-            chunks.append(chunk)
-    return utterance, chunks
+    chunks, codes = drain(utterance)
+    return utterance, chunks, codes
 
 
 def test_frame_cap_grows_with_text_and_is_bounded():
@@ -59,13 +55,13 @@ def test_frame_cap_grows_with_text_and_is_bounded():
 def test_end_of_speech_code_ends_the_utterance_without_fade(fresh_model):
     wrapper = fresh_model
     bias_eos(wrapper, 1000.0)  # the package still forbids EOS before the second frame
-    utterance, chunks = run_utterance(wrapper, LONG_TEXT, StopRules())
+    utterance, chunks, codes = run_utterance(wrapper, LONG_TEXT, StopRules())
     assert utterance.finish_reason == "eos"
     assert utterance.frames == MIN_FRAMES
     audio = np.concatenate([c.audio for c in chunks])
     assert len(audio) == MIN_FRAMES * 1920
     # The official decode of the same codes, untouched by any fade.
-    official, _sr = wrapper.model.speech_tokenizer.decode([{"audio_codes": torch.from_numpy(np.concatenate([c.codes for c in chunks]))}])
+    official, _sr = wrapper.model.speech_tokenizer.decode([{"audio_codes": codes}])
     assert np.abs(audio - official[0]).max() < 1e-4
 
 
@@ -73,11 +69,10 @@ def test_runaway_generation_ends_at_the_frame_cap_with_a_fade(fresh_model):
     wrapper = fresh_model
     bias_eos(wrapper, -1000.0)
     stop = StopRules(base_frames=9, frames_per_token=0, max_frames=100)
-    utterance, chunks = run_utterance(wrapper, "Huh?", stop)
+    utterance, chunks, codes = run_utterance(wrapper, "Huh?", stop)
     assert utterance.finish_reason == "cap"
     assert utterance.frames == 9
     audio = np.concatenate([c.audio for c in chunks])
-    codes = torch.from_numpy(np.concatenate([c.codes for c in chunks]))
     unfaded, _sr = wrapper.model.speech_tokenizer.decode([{"audio_codes": codes}])
     unfaded = unfaded[0]
     body, tail = slice(0, len(audio) - 1920), slice(len(audio) - 1920, None)
@@ -107,21 +102,6 @@ def test_first_chunk_comes_after_at_most_two_frames(custom_voice_model, first_fr
     assert sum(sizes) == 30
 
 
-class FrameCounter:
-    """Counts finished frame steps of a FrameGenerator (steps run on the engine thread)."""
-
-    def __init__(self, generator) -> None:
-        self._step = generator.step
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def __call__(self, state):
-        frame = self._step(state)
-        with self._lock:
-            self.count += 1
-        return frame
-
-
 @pytest.fixture
 def engine(checkpoints):
     engine = SpeechEngine.load(
@@ -131,10 +111,8 @@ def engine(checkpoints):
     engine.close()
 
 
-async def test_cancel_mid_stream_stops_within_one_frame_and_the_next_request_succeeds(engine, monkeypatch):
+async def test_cancel_mid_stream_stops_within_one_frame_and_the_next_request_succeeds(engine):
     frames = engine.runtimes["custom_voice"].frames
-    counter = FrameCounter(frames)
-    monkeypatch.setattr(frames, "step", counter)
 
     job = engine.start(PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))
     job.add_text(LONG_TEXT)
@@ -142,12 +120,12 @@ async def test_cancel_mid_stream_stops_within_one_frame_and_the_next_request_suc
     chunks = job.__aiter__()
     await chunks.__anext__()
     job.cancel()
-    at_cancel = counter.count
+    at_cancel = frames.frames_generated
     with pytest.raises(JobCancelled):
         async for _chunk in chunks:
             pass
     await asyncio.sleep(0.2)
-    assert counter.count <= at_cancel + 1
+    assert frames.frames_generated <= at_cancel + 1
     assert at_cancel < 60, "the job was cancelled long before its cap"
 
     audio = [c async for c in engine.synthesize(["Hello."], PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))]
@@ -167,8 +145,6 @@ async def test_abandoning_the_stream_cancels_the_job(engine):
 
 async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monkeypatch):
     runtime = engine.runtimes["custom_voice"]
-    counter = FrameCounter(runtime.frames)
-    monkeypatch.setattr(runtime.frames, "step", counter)
     decode = runtime.decoder.decode
     decoding, release = threading.Event(), threading.Event()
 
@@ -183,12 +159,12 @@ async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monke
     job.add_text(LONG_TEXT)
     job.finish()
     assert await asyncio.to_thread(decoding.wait, 10)
-    frames_at_block = counter.count
+    frames_at_block = runtime.frames.frames_generated
     for _ in range(200):
-        if counter.count >= frames_at_block + 10:
+        if runtime.frames.frames_generated >= frames_at_block + 10:
             break
         await asyncio.sleep(0.02)
-    frames_while_blocked = counter.count - frames_at_block
+    frames_while_blocked = runtime.frames.frames_generated - frames_at_block
     release.set()
     chunks = [chunk async for chunk in job]
 

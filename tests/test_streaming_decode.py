@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wyoming_qwen3tts.engine.decode import ChunkSchedule, StreamingCodecDecoder
+from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
+from wyoming_qwen3tts.engine.options import ChunkSchedule
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wyoming_qwen3tts.text import TextSegmenter, split_long, split_text
+from wyoming_qwen3tts.text import TextPiece, TextSegmenter, split_long, split_text
 
 
 def test_a_text_splits_into_its_sentences():
@@ -17,9 +17,9 @@ def test_whitespace_and_markdown_emphasis_are_cleaned():
 def test_streamed_text_yields_a_sentence_once_the_next_one_begins():
     segmenter = TextSegmenter()
     assert segmenter.add("Good morning, the kitchen ") == []
-    assert segmenter.add("lights are on. No") == ["Good morning, the kitchen lights are on."]
+    assert segmenter.add("lights are on. No") == [TextPiece("Good morning, the kitchen lights are on.", ends_segment=True)]
     assert segmenter.add("w it is late") == []
-    assert segmenter.finish() == ["Now it is late"]
+    assert segmenter.finish() == [TextPiece("Now it is late", ends_segment=True)]
 
 
 def test_an_overlong_sentence_is_cut_at_clauses_then_spaces():

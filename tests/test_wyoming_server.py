@@ -15,18 +15,20 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from servers import ServerThread, is_one_audio_cycle, read_until
+from helpers import ServerThread, is_one_audio_cycle, read_until
 
-from wyoming_qwen3tts.engine.engine import EngineOptions, RequestOptions, SpeechEngine
-from wyoming_qwen3tts.engine.generate import StopRules
-from wyoming_qwen3tts.engine.sampling import SamplingOptions
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
+from wyoming_qwen3tts.http_api.app import HttpApiOptions
 from wyoming_qwen3tts.remote.engine import RemoteOptions
+from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
+from wyoming_qwen3tts.speech import RequestOptions, SamplingOptions
 
 # Random weights never stop by themselves: short caps keep every request quick and its length
 # predictable (greedy decoding makes it deterministic).
 STOP = StopRules(base_frames=4, frames_per_token=0.25, max_frames=60)
-SETTINGS = Settings(stop=STOP, request=RequestOptions(sampling=SamplingOptions().greedy()))
+SETTINGS = Settings(requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy())))
 BYTES_PER_FRAME = 1920 * 2
 
 
@@ -52,7 +54,7 @@ def stack(request, local_engine):
         yield Stack(server, [local_engine], remote=False)
         server.stop()
         return
-    backend = ServerThread(dataclasses.replace(SETTINGS, http_port=0), local_engine)
+    backend = ServerThread(dataclasses.replace(SETTINGS, http=HttpApiOptions(port=0)), local_engine)
     front = ServerThread(dataclasses.replace(SETTINGS, remote=RemoteOptions(urls=(backend.http_url,))))
     yield Stack(front, [front.engine, local_engine], remote=True)
     front.stop()
@@ -295,7 +297,7 @@ async def test_unknown_events_are_skipped_and_ping_is_answered(server):
 
 
 async def test_text_over_the_limit_is_refused(local_engine):
-    server = ServerThread(dataclasses.replace(SETTINGS, max_text_chars=50), local_engine)
+    server = ServerThread(dataclasses.replace(SETTINGS, requests=dataclasses.replace(SETTINGS.requests, max_text_chars=50)), local_engine)
     try:
         async with server.client() as client:
             await client.write_event(Synthesize(text="x" * 51).event())

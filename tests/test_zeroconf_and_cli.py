@@ -130,15 +130,15 @@ def test_flags_can_come_from_the_environment_and_the_command_line_wins():
         "QWEN3TTS_COMPILE": "1",
     }
     settings = Settings.from_args(["--voice", "Vivian"], environ)
-    assert settings.model == "/models/custom" and settings.clone_model == "/models/base"
-    assert settings.load.device == "cpu"
-    assert settings.streaming is False
-    assert settings.zeroconf_name == "kitchen"
-    assert settings.default_voice == "Vivian"
-    assert settings.max_text_chars == 500
-    assert settings.models_dir == settings.data_dir / "models"
-    assert settings.load.compile is True
-    assert settings.engine_options(with_clone_model=False).compile_cache_dir == settings.data_dir / "compile-cache"
+    assert settings.engine.model == "/models/custom" and settings.engine.clone_model == "/models/base"
+    assert settings.engine.load.device == "cpu"
+    assert settings.wyoming.streaming is False
+    assert settings.wyoming.zeroconf_name == "kitchen"
+    assert settings.voices.default_voice == "Vivian"
+    assert settings.requests.max_text_chars == 500
+    assert settings.engine.models_dir == settings.data_dir / "models"
+    assert settings.engine.load.compile is True
+    assert settings.engine.compile_cache_dir == settings.data_dir / "compile-cache"
 
 
 def test_remote_replicas_come_from_repeated_flags_or_a_comma_separated_variable():
@@ -150,10 +150,10 @@ def test_remote_replicas_come_from_repeated_flags_or_a_comma_separated_variable(
 
 def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
     settings = Settings.from_args([], {})
-    assert settings.uri == "tcp://0.0.0.0:10200"
-    assert settings.streaming and settings.zeroconf_name is None
-    assert settings.load.compile is False
-    assert Settings.from_args(["--zeroconf"], {}).zeroconf_name == "qwen3-tts"
+    assert settings.wyoming.uri == "tcp://0.0.0.0:10200"
+    assert settings.wyoming.streaming and settings.wyoming.zeroconf_name is None
+    assert settings.engine.load.compile is False
+    assert Settings.from_args(["--zeroconf"], {}).wyoming.zeroconf_name == "qwen3-tts"
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,9 @@ def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
     [
         (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
         ([], {"QWEN3TTS_DEVICE": "tpu"}, "device must be one of"),
-        (["--first-chunk-frames", "0"], {}, "at least 1"),
+        (["--first-chunk-frames", "0"], {}, "first_frames"),
+        (["--max-text-length", "0"], {}, "at least 1 character"),
+        (["--uri", "http://x:1"], {}, "must start with tcp:// or unix://"),
         (["--threads", "-1"], {}, "threads must be 0 (automatic) or more"),
         (["--engine", "remote"], {}, "needs at least one --remote-url"),
         (["--engine", "remote", "--remote-url", "gpu-box:8091"], {}, "must start with http://"),

@@ -16,6 +16,7 @@ from aiohttp import web
 
 PRESETS = ["aiden", "dylan", "eric", "ono_anna", "ryan", "serena", "sohee", "uncle_fu", "vivian"]
 MODEL = "Qwen/Qwen3-TTS-12Hz-1.7B-CustomVoice"
+BASE_MODEL = "Qwen/Qwen3-TTS-12Hz-1.7B-Base"  # a server of this model clones voices
 
 
 def tone(seconds: float) -> bytes:
@@ -24,8 +25,9 @@ def tone(seconds: float) -> bytes:
 
 
 class VllmOmniDouble:
-    def __init__(self, port: int, accepts_uploads: bool = True) -> None:
+    def __init__(self, port: int, accepts_uploads: bool = True, model: str = MODEL) -> None:
         self.port = port
+        self.model = model
         self.accepts_uploads = accepts_uploads
         self.speech_requests: list[dict] = []
         self.uploads: list[dict] = []
@@ -47,7 +49,7 @@ class VllmOmniDouble:
         return app
 
     async def models(self, request):
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def voices(self, request):
         uploaded = [{"name": u["name"], "ref_text": u.get("ref_text")} for u in self.uploads]

@@ -6,9 +6,9 @@ import asyncio
 import logging
 import sys
 
-from .engine.loader import ModelUnavailableError
-from .server.app import serve
+from .serve import serve
 from .settings import Settings, configure_logging
+from .speech import BackendUnavailableError
 
 _LOGGER = logging.getLogger("wyoming_qwen3tts")
 
@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     _LOGGER.debug("Settings: %s", settings)
     try:
         asyncio.run(serve(settings))
-    except ModelUnavailableError as err:
-        _LOGGER.error("%s", err)
-        return 2
     except ValueError as err:
         _LOGGER.error("Cannot start: %s", err)
+        return 2
+    except BackendUnavailableError as err:  # the model is missing, or no remote server answered
+        _LOGGER.error("%s", err)
         return 2
     return 0
 

@@ -14,13 +14,13 @@ A broken entry is logged with its name and the reason, and skipped; the others s
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .reference_audio import ReferenceAudio, ReferenceAudioError, read_reference
+from .reference_audio import ReferenceAudioError, clone_source
+from .speech import CloneSource, SpeechBackend
 from .voices import LANGUAGE_CODES, Voice, language_label, ordered_codes
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ class CloneSample:
     """An entry whose sample was read and passed the checks."""
 
     entry: CloneEntry
-    audio: ReferenceAudio
-    audio_bytes: bytes
+    source: CloneSource
 
 
 def _language_name(value: str, languages: list[str]) -> str | None:
@@ -123,8 +122,8 @@ def check_entries(entries: list[CloneEntry], reserved: list[str], languages: lis
             _LOGGER.error("Voice %r skipped: the sample %s does not exist", entry.name, entry.audio)
             continue
         try:
-            audio_bytes = entry.audio.read_bytes()
-            audio = read_reference(audio_bytes, f"Voice {entry.name!r} ({entry.audio.name})")
+            label = f"Voice {entry.name!r} ({entry.audio.name})"
+            source = clone_source(entry.audio.read_bytes(), label, entry.transcript, entry.audio.name)
         except (OSError, ReferenceAudioError) as err:
             _LOGGER.error("Voice %r skipped: %s", entry.name, err)
             continue
@@ -135,22 +134,17 @@ def check_entries(entries: list[CloneEntry], reserved: list[str], languages: lis
                 entry.name,
             )
         taken.add(key)
-        samples.append(CloneSample(entry=CloneEntry(entry.name, entry.audio, entry.transcript, language), audio=audio, audio_bytes=audio_bytes))
+        samples.append(CloneSample(entry=CloneEntry(entry.name, entry.audio, entry.transcript, language), source=source))
     return samples
 
 
-# Gives a checked sample its voice spec: a clone prompt (local engine) or the sample itself
-# (remote engine); the flag says whether a prompt had to be computed.
-SpecMaker = Callable[[CloneSample], Awaitable[tuple[object, bool]]]
-
-
-async def build_clone_voices(samples: list[CloneSample], spec_for: SpecMaker, languages: list[str]) -> list[Voice]:
-    """Voices for the checked samples."""
+async def build_clone_voices(samples: list[CloneSample], backend: SpeechBackend, languages: list[str]) -> list[Voice]:
+    """Voices for the checked samples, cloned by ``backend``."""
     voices = []
     for sample in samples:
         entry = sample.entry
         try:
-            spec, computed = await spec_for(sample)
+            spec, computed = await backend.clone(sample.source)
         except Exception as err:  # noqa: BLE001 - one voice must not stop the others
             _LOGGER.error("Voice %r skipped: computing its clone prompt failed (%s)", entry.name, err)
             continue

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from .speech import CloneSource
+
 _LOGGER = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
@@ -94,3 +96,15 @@ def check_reference(audio: np.ndarray, rate: int, label: str, channels: int | No
 
         audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
     return ReferenceAudio(samples=np.ascontiguousarray(audio, dtype=np.float32), source_rate=rate, source_channels=channels)
+
+
+def clone_source(audio_bytes: bytes, label: str, transcript: str | None, filename: str = "sample.wav") -> CloneSource:
+    """A checked sample to clone from; raises ReferenceAudioError with advice when it is unusable."""
+    audio = read_reference(audio_bytes, label)
+    return CloneSource(
+        audio_bytes=audio_bytes,
+        samples=audio.samples,
+        sample_rate=audio.sample_rate,
+        transcript=transcript,
+        filename=filename,
+    )

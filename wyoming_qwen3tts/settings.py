@@ -1,8 +1,9 @@
-"""One typed settings object for the server, from command-line flags or environment variables.
+"""The program's settings: each layer's own typed options, from command-line flags or the environment.
 
 Every flag can also be given as an environment variable (for Docker): `--clone-model X` is
 `QWEN3TTS_CLONE_MODEL=X`, a switch like `--no-streaming` is `QWEN3TTS_NO_STREAMING=1`. A flag
-on the command line wins over the environment.
+on the command line wins over the environment. Defaults are the option classes' own; each
+class checks its values when it is built, and a bad one ends the program with its message.
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .engine.decode import ChunkSchedule
-from .engine.engine import EngineOptions, RequestOptions
-from .engine.generate import StopRules
-from .engine.loader import ATTENTIONS, DEVICES, DTYPES, LoadOptions
+from .engine.options import ATTENTIONS, DEFAULT_CLONE_MODEL, DEVICES, DTYPES, ChunkSchedule, EngineOptions, LoadOptions
+from .http_api.app import HttpApiOptions
 from .remote.engine import RemoteOptions
-from .server.events import EventLimits
+from .request import STREAM_TEXT_BY, RequestLayerOptions
+from .server.app import DEFAULT_ZEROCONF_NAME, WyomingOptions
+from .speech import RequestOptions
+from .voices import VoiceOptions
 
 ENV_PREFIX = "QWEN3TTS_"
-DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
-DEFAULT_CLONE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
-DEFAULT_ZEROCONF_NAME = "qwen3-tts"
 TRUE_WORDS = ("1", "true", "yes", "on")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # --text-mode -> the package's non_streaming_mode
@@ -34,59 +33,28 @@ TEXT_MODES = {"auto": None, "upfront": True, "dual-track": False}
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server needs to start."""
+    """Everything the program needs to start, one part per layer."""
 
-    uri: str = "tcp://0.0.0.0:10200"
-    zeroconf_name: str | None = None  # None: no zeroconf announcement
-    zeroconf_host: str | None = None  # address to announce; None: this host's LAN address
-    data_dir: Path = Path("data")
-    model: str = DEFAULT_MODEL
-    clone_model: str = DEFAULT_CLONE_MODEL
-    load: LoadOptions = field(default_factory=LoadOptions)
-    default_voice: str | None = None
-    voices_file: Path | None = None  # YAML with clone voices
-    voices_dir: Path | None = None  # where relative sample paths point; default: the file's folder
-    streaming: bool = True
-    stream_text_by: str = "words"  # "words": dual-track streaming; "sentences": sentence by sentence
-    max_text_chars: int = 20_000
-    first_chunk_frames: int = 1
-    stop: StopRules = field(default_factory=StopRules)
-    request: RequestOptions = field(default_factory=RequestOptions)
-    limits: EventLimits = field(default_factory=EventLimits)
-    log_level: str = "info"
-    http_port: int | None = None  # None: no HTTP API
-    http_host: str = "127.0.0.1"
-    http_api_key: str | None = None
-    http_clones: bool = False  # load the Base model for one-off clones over HTTP
-    http_max_body_bytes: int = 25 << 20  # uploads included
+    wyoming: WyomingOptions = field(default_factory=WyomingOptions)
+    requests: RequestLayerOptions = field(default_factory=RequestLayerOptions)
+    voices: VoiceOptions = field(default_factory=VoiceOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)  # the local engine, unless remote is set
     remote: RemoteOptions | None = None  # set: speech comes from remote servers, no local model
+    http: HttpApiOptions | None = None  # None: no HTTP API
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
 
     @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"
-
-    @property
-    def clone_cache_dir(self) -> Path:
-        return self.data_dir / "clone-prompts"
+    def data_dir(self) -> Path:
+        return self.engine.data_dir
 
     @property
     def samples_dir(self) -> Path:
-        if self.voices_dir is not None:
-            return self.voices_dir
-        if self.voices_file is not None:
-            return self.voices_file.parent
-        return self.data_dir / "voices"
-
-    def engine_options(self, with_clone_model: bool) -> EngineOptions:
-        return EngineOptions(
-            model=self.model,
-            clone_model=self.clone_model if with_clone_model else None,
-            models_dir=self.models_dir,
-            compile_cache_dir=self.data_dir / "compile-cache",
-            load=self.load,
-            stop=self.stop,
-            chunks=ChunkSchedule(first_frames=self.first_chunk_frames, max_frames=max(12, self.first_chunk_frames)),
-        )
+        """Where relative clone sample paths (and HTTP reference files) point."""
+        return self.voices.samples_dir or self.data_dir / "voices"
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -97,23 +65,49 @@ class Settings:
             raise SystemExit(f"Bad environment setting: {err}") from err
         args = parser.parse_args(argv)
         try:
-            return cls._from_namespace(args)
+            return from_namespace(args)
         except ValueError as err:
             parser.error(str(err))
 
-    @classmethod
-    def _from_namespace(cls, args: argparse.Namespace) -> "Settings":
-        if args.first_chunk_frames < 1 or args.max_text_length < 1:
-            raise ValueError("--first-chunk-frames and --max-text-length must be at least 1")
-        if not 0 <= args.http_port <= 65535:
-            raise ValueError("--http-port must be a port number (0 turns the HTTP API off)")
-        return cls(
+
+def from_namespace(args: argparse.Namespace) -> Settings:
+    """Each layer's options from parsed flags; raises ValueError with the first bad value."""
+    remote = None
+    if args.engine == "remote":
+        urls = tuple(url.strip() for value in args.remote_url or [] for url in value.split(",") if url.strip())
+        if not urls:
+            raise ValueError("--engine remote needs at least one --remote-url")
+        remote = RemoteOptions(
+            urls=urls,
+            api_key=args.remote_api_key or None,
+            model=args.remote_model or None,
+            connect_timeout=args.remote_connect_timeout,
+            first_byte_timeout=args.remote_first_byte_timeout,
+        )
+    http = None
+    if args.http_port:
+        http = HttpApiOptions(host=args.http_host, port=args.http_port, api_key=args.http_api_key or None, clones=args.http_clones)
+    return Settings(
+        wyoming=WyomingOptions(
             uri=args.uri,
             zeroconf_name=args.zeroconf or None,
             zeroconf_host=args.zeroconf_host or None,
-            data_dir=Path(args.data_dir),
+            streaming=not args.no_streaming,
+        ),
+        requests=RequestLayerOptions(
+            max_text_chars=args.max_text_length,
+            stream_text_by=args.stream_text_by,
+            defaults=RequestOptions(non_streaming_mode=TEXT_MODES[args.text_mode]),
+        ),
+        voices=VoiceOptions(
+            default_voice=args.voice or None,
+            voices_file=Path(args.voices) if args.voices else None,
+            voices_dir=Path(args.voices_dir) if args.voices_dir else None,
+        ),
+        engine=EngineOptions(
             model=args.model,
             clone_model=args.clone_model,
+            data_dir=Path(args.data_dir),
             load=LoadOptions(
                 device=args.device,
                 dtype=args.dtype,
@@ -122,42 +116,15 @@ class Settings:
                 compile=args.compile,
                 threads=args.threads,
             ),
-            default_voice=args.voice or None,
-            voices_file=Path(args.voices) if args.voices else None,
-            voices_dir=Path(args.voices_dir) if args.voices_dir else None,
-            streaming=not args.no_streaming,
-            stream_text_by=args.stream_text_by,
-            request=RequestOptions(non_streaming_mode=TEXT_MODES[args.text_mode]),
-            max_text_chars=args.max_text_length,
-            first_chunk_frames=args.first_chunk_frames,
-            log_level="debug" if args.debug else args.log_level,
-            http_port=args.http_port or None,
-            http_host=args.http_host,
-            http_api_key=args.http_api_key or None,
-            http_clones=args.http_clones,
-            remote=cls._remote(args),
-        )
-
-    @staticmethod
-    def _remote(args: argparse.Namespace) -> RemoteOptions | None:
-        if args.engine == "local":
-            return None
-        urls = tuple(url.strip() for value in args.remote_url or [] for url in value.split(",") if url.strip())
-        if not urls:
-            raise ValueError("--engine remote needs at least one --remote-url")
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"--remote-url {url!r} must start with http:// or https://")
-        return RemoteOptions(
-            urls=urls,
-            api_key=args.remote_api_key or None,
-            model=args.remote_model or None,
-            connect_timeout=args.remote_connect_timeout,
-            first_byte_timeout=args.remote_first_byte_timeout,
-        )
+            chunks=ChunkSchedule.starting_with(args.first_chunk_frames),
+        ),
+        remote=remote,
+        http=http,
+        log_level="debug" if args.debug else args.log_level,
+    )
 
 
-def _env_name(flag: str) -> str:
+def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
@@ -165,65 +132,65 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m wyoming_qwen3tts",
         description="Wyoming text-to-speech server for Qwen3-TTS. Every flag can also be set "
-        f"as an environment variable: {ENV_PREFIX}<FLAG>, e.g. {_env_name('--clone-model')}.",
+        f"as an environment variable: {ENV_PREFIX}<FLAG>, e.g. {env_name('--clone-model')}.",
     )
 
     def option(flag: str, default=None, **kwargs) -> None:
-        value = environ.get(_env_name(flag))
+        value = environ.get(env_name(flag))
         if value is not None and value != "":
             default = kwargs["type"](value) if "type" in kwargs else value
         parser.add_argument(flag, default=default, **kwargs)
 
     def switch(flag: str, help: str) -> None:
-        default = environ.get(_env_name(flag), "").strip().lower() in TRUE_WORDS
+        default = environ.get(env_name(flag), "").strip().lower() in TRUE_WORDS
         parser.add_argument(flag, action="store_true", default=default, help=help)
 
-    option("--uri", "tcp://0.0.0.0:10200", help="where to listen: tcp://HOST:PORT or unix://PATH")
-    zeroconf = environ.get(_env_name("--zeroconf")) or None
+    wyoming, load, engine, requests = WyomingOptions, LoadOptions, EngineOptions, RequestLayerOptions
+    option("--uri", wyoming.uri, help="where to listen: tcp://HOST:PORT or unix://PATH")
     parser.add_argument(
         "--zeroconf",
         nargs="?",
         const=DEFAULT_ZEROCONF_NAME,
-        default=zeroconf,
+        default=environ.get(env_name("--zeroconf")) or None,
         metavar="NAME",
         help=f"announce the server by zeroconf, under NAME (default: {DEFAULT_ZEROCONF_NAME})",
     )
     option("--zeroconf-host", help="address to announce (default: this host's LAN address)")
     option("--engine", "local", choices=("local", "remote"), help="local: run the model here; remote: use OpenAI-compatible speech servers (vLLM-Omni)")
-    remote_urls = environ.get(_env_name("--remote-url"))
+    remote_urls = environ.get(env_name("--remote-url"))
     parser.add_argument(
         "--remote-url",
         action="append",
         default=[remote_urls] if remote_urls else None,
-        help="base URL of a remote speech server, e.g. http://gpu-box:8091 (repeat for replicas; the environment variable takes a comma-separated list)",
+        help="base URL of a remote speech server, e.g. http://gpu-box:8091 or http://gpu-box:8091/v1 (repeat for replicas; the environment variable takes a comma-separated list)",
     )
     option("--remote-api-key", help="API key for the remote servers")
     option("--remote-model", help="model name to send to the remote servers (default: the first they list)")
-    option("--remote-connect-timeout", 5.0, type=float, help="seconds to connect to a remote server")
-    option("--remote-first-byte-timeout", 60.0, type=float, help="seconds to wait for a remote server's first audio")
-    option("--model", DEFAULT_MODEL, help="CustomVoice checkpoint: Hugging Face id or local folder")
+    option("--remote-connect-timeout", RemoteOptions.connect_timeout, type=float, help="seconds to connect to a remote server")
+    option("--remote-first-byte-timeout", RemoteOptions.first_byte_timeout, type=float, help="seconds to wait for a remote server's first audio")
+    option("--model", engine.model, help="CustomVoice checkpoint: Hugging Face id or local folder")
     option("--clone-model", DEFAULT_CLONE_MODEL, help="Base checkpoint for voice clones (loaded only when clones are configured)")
-    option("--device", "auto", choices=DEVICES, help="auto = CUDA when available, else CPU")
-    option("--dtype", "auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
-    option("--attention", "auto", choices=ATTENTIONS, help="auto = FlashAttention 2 when usable, else sdpa")
+    option("--device", load.device, choices=DEVICES, help="auto = CUDA when available, else CPU")
+    option("--dtype", load.dtype, choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
+    option("--attention", load.attention, choices=ATTENTIONS, help="auto = FlashAttention 2 when usable, else sdpa")
     switch(
         "--text-embedding-on-cpu",
         "keep the text embedding (311 M parameters at 0.6B) in CPU memory: frees about 0.6 GB of GPU memory per model",
     )
-    option("--threads", 0, type=int, help="PyTorch CPU threads (0 = all cores but one)")
+    option("--threads", load.threads, type=int, help="PyTorch CPU threads (0 = all cores but one)")
     switch(
         "--compile",
         "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes a minute at start-up, falls back to uncompiled on failure",
     )
-    option("--data-dir", "data", help="folder for downloaded models and caches")
+    option("--data-dir", str(engine.data_dir), help="folder for downloaded models and caches")
     option("--voice", help="default voice when a request names none (default: the first preset speaker)")
     option("--voices", help="YAML file of clone voices: a list of {name, audio, transcript, language}")
     option("--voices-dir", help="folder that relative sample paths point into (default: the voices file's folder)")
     switch("--no-streaming", "do not advertise streaming synthesis (synthesize-start/chunk/stop)")
     option(
         "--stream-text-by",
-        "words",
-        choices=("words", "sentences"),
+        requests.stream_text_by,
+        choices=STREAM_TEXT_BY,
         help="streamed text enters the model word by word (dual track: speech starts after the first "
         "words) or sentence by sentence",
     )
@@ -234,10 +201,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="how a whole sentence enters the prompt: up front, or dual track; auto = the package's "
         "default (up front for preset speakers, dual track for clones)",
     )
-    option("--max-text-length", 20_000, type=int, help="most characters one request may ask to speak")
-    option("--first-chunk-frames", 1, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")
+    option("--max-text-length", requests.max_text_chars, type=int, help="most characters one request may ask to speak")
+    option("--first-chunk-frames", ChunkSchedule.first_frames, type=int, help="80 ms frames in the first audio chunk (1-2 starts audio soonest)")
     option("--http-port", 0, type=int, help="serve the OpenAI-compatible /v1/audio/speech API on this port (0: off)")
-    option("--http-host", "127.0.0.1", help="address the HTTP API binds to (loopback unless you open it up)")
+    option("--http-host", HttpApiOptions.host, help="address the HTTP API binds to (loopback unless you open it up)")
     option("--http-api-key", help="require 'Authorization: Bearer KEY' on the HTTP API")
     switch("--http-clones", "load the Base model so HTTP requests can clone a voice from reference audio")
     option("--log-level", "info", choices=LOG_LEVELS, help="how much to log")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import NamedTuple, Protocol
 
 from sentence_stream import SentenceBoundaryDetector
 
@@ -49,20 +50,44 @@ def split_long(sentence: str, max_chars: int = DEFAULT_MAX_SEGMENT_CHARS) -> lis
     return [p for p in pieces if p]
 
 
+class TextPiece(NamedTuple):
+    """Text for the model, and whether its segment ends after it."""
+
+    text: str
+    ends_segment: bool
+
+
+class Segmenter(Protocol):
+    """Streamed text in, pieces for the model out."""
+
+    # True: pieces stream into an open segment as they come (dual track); False: every piece is
+    # a whole segment.
+    streams: bool
+
+    def add(self, chunk: str) -> list[TextPiece]:
+        """Pieces that ``chunk`` completes."""
+
+    def finish(self) -> list[TextPiece]:
+        """Whatever is left, once no more text will come."""
+
+
 class TextSegmenter:
-    """Feeds streamed text through sentence detection; yields segments as they complete."""
+    """Feeds streamed text through sentence detection; every piece is a whole segment."""
+
+    streams = False
 
     def __init__(self, max_chars: int = DEFAULT_MAX_SEGMENT_CHARS) -> None:
         self.max_chars = max_chars
         self._detector = SentenceBoundaryDetector()
 
-    def add(self, chunk: str) -> list[str]:
-        """Segments completed by ``chunk``."""
-        return self._segments(self._detector.add_chunk(chunk))
+    def add(self, chunk: str) -> list[TextPiece]:
+        return self._pieces(self._detector.add_chunk(chunk))
 
-    def finish(self) -> list[str]:
-        """Whatever text is left, as segments."""
-        return self._segments([self._detector.finish()])
+    def finish(self) -> list[TextPiece]:
+        return self._pieces([self._detector.finish()])
+
+    def _pieces(self, sentences: Iterable[str]) -> list[TextPiece]:
+        return [TextPiece(segment, True) for segment in self._segments(sentences)]
 
     def _segments(self, sentences: Iterable[str]) -> list[str]:
         segments: list[str] = []
@@ -76,7 +101,7 @@ class TextSegmenter:
 def split_text(text: str, max_chars: int = DEFAULT_MAX_SEGMENT_CHARS) -> list[str]:
     """All segments of a complete text."""
     segmenter = TextSegmenter(max_chars)
-    return segmenter.add(text) + segmenter.finish()
+    return [piece.text for piece in segmenter.add(text) + segmenter.finish()]
 
 
 class WordStreamSegmenter:
@@ -85,8 +110,9 @@ class WordStreamSegmenter:
     Text goes straight through until the segment holds ``soft_chars``; from then on it is held
     until the sentence it is in ends (found by `sentence-stream`), and the segment closes
     there. A sentence that runs past ``hard_chars`` is cut at a clause mark or a space.
-    `add` and `finish` return (text to append, close the segment after it) pairs.
     """
+
+    streams = True
 
     def __init__(self, soft_chars: int = 200, hard_chars: int = 400) -> None:
         self.soft_chars = soft_chars
@@ -100,13 +126,13 @@ class WordStreamSegmenter:
         # Markdown emphasis is never spoken; line breaks are just spaces.
         return chunk.replace("*", "").replace("\r", " ").replace("\n", " ")
 
-    def add(self, chunk: str) -> list[tuple[str, bool]]:
-        out: list[tuple[str, bool]] = []
+    def add(self, chunk: str) -> list[TextPiece]:
+        out: list[TextPiece] = []
         rest = self._clean(chunk)
         while rest:
             if self._detector is None and self._length < self.soft_chars:
                 take = rest[: self.soft_chars - self._length]
-                out.append((take, False))
+                out.append(TextPiece(take, False))
                 self._length += len(take)
                 rest = rest[len(take) :]
                 continue
@@ -118,18 +144,18 @@ class WordStreamSegmenter:
             if sentences:
                 detector = self._detector
                 consumed = len(self._held) - len(detector.remaining_text) - len(detector.current_sentence)
-                out.append((self._held[:consumed], True))
+                out.append(TextPiece(self._held[:consumed], True))
                 rest = self._held[consumed:].lstrip()
                 self._reset()
             elif self._length + len(self._held) >= self.hard_chars:
                 cut = cut_point(self._held, max(1, self.hard_chars - self._length))
-                out.append((self._held[:cut], True))
+                out.append(TextPiece(self._held[:cut], True))
                 rest = self._held[cut:].lstrip()
                 self._reset()
         return out
 
-    def finish(self) -> list[tuple[str, bool]]:
-        out = [(self._held, True)]
+    def finish(self) -> list[TextPiece]:
+        out = [TextPiece(self._held, True)]
         self._reset()
         return out
 

@@ -6,8 +6,9 @@ Preset voices are read from the CustomVoice checkpoint's own speaker table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .engine.prompt import PresetSpeaker, VoiceSpec
+from .speech import CLONE_KINDS, PresetSpeaker, SpeechBackend, VoiceSpec
 
 # Language names as the package spells them -> BCP 47 codes, as Home Assistant matches them.
 LANGUAGE_CODES = {
@@ -52,6 +53,19 @@ def display_name(speaker: str) -> str:
 
 
 @dataclass(frozen=True)
+class VoiceOptions:
+    """Which voices the catalog holds besides the presets, and which one is the default."""
+
+    default_voice: str | None = None  # None: the first preset speaker
+    voices_file: Path | None = None  # YAML (or the add-on's options.json) with clone voices
+    voices_dir: Path | None = None  # where relative sample paths point; default: the file's folder
+
+    @property
+    def samples_dir(self) -> Path | None:
+        return self.voices_dir if self.voices_dir is not None else (None if self.voices_file is None else self.voices_file.parent)
+
+
+@dataclass(frozen=True)
 class Voice:
     """One voice a client can ask for by name."""
 
@@ -65,6 +79,10 @@ class Voice:
     def key(self) -> str:
         return self.name.lower()
 
+    @property
+    def is_clone(self) -> bool:
+        return isinstance(self.spec, CLONE_KINDS)
+
 
 def ordered_codes(native: str | None, languages: list[str]) -> list[str]:
     codes: list[str] = []
@@ -75,7 +93,7 @@ def ordered_codes(native: str | None, languages: list[str]) -> list[str]:
     return codes
 
 
-def preset_voices(engine) -> list[Voice]:
+def preset_voices(engine: SpeechBackend) -> list[Voice]:
     """Voices for the CustomVoice checkpoint's speakers, in the checkpoint's order."""
     languages = [name for name in engine.languages if name != "auto"]
     voices = []

@@ -37,6 +37,47 @@ def _model(options: dict[str, Any], choice_key: str, custom_key: str) -> str:
     return custom
 
 
+# Add-on options that become one flag each: (option, flag, kind). "value" passes the option's
+# text when it is set; "switch" passes the flag when the option is true, "not-switch" when it
+# is false; "flags" repeats the flag once per list item.
+OPTION_FLAGS = (
+    ("device", "--device", "value"),
+    ("dtype", "--dtype", "value"),
+    ("log_level", "--log-level", "value"),
+    ("default_voice", "--voice", "value"),
+    ("compile", "--compile", "switch"),
+    ("streaming", "--no-streaming", "not-switch"),
+    ("stream_text_by", "--stream-text-by", "value"),
+    ("zeroconf_name", "--zeroconf", "value"),
+)
+REMOTE_FLAGS = (
+    ("remote_urls", "--remote-url", "flags"),
+    ("remote_api_key", "--remote-api-key", "value"),
+    ("remote_model", "--remote-model", "value"),
+)
+HTTP_FLAGS = (
+    ("http_api_key", "--http-api-key", "value"),
+    ("http_clones", "--http-clones", "switch"),
+)
+
+
+def _flags(options: dict[str, Any], table) -> list[str]:
+    args: list[str] = []
+    for key, flag, kind in table:
+        value = options.get(key)
+        if kind == "switch" and value is True:
+            args.append(flag)
+        elif kind == "not-switch" and value is False:
+            args.append(flag)
+        elif kind == "flags":
+            for item in value or []:
+                if str(item).strip():
+                    args += [flag, str(item).strip()]
+        elif kind == "value" and value is not None and str(value).strip():
+            args += [flag, str(value).strip()]
+    return args
+
+
 def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
     """Server arguments for these add-on options."""
     args = [
@@ -44,42 +85,18 @@ def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
         "--data-dir", DATA_DIR,
         "--model", _model(options, "model", "custom_model"),
         "--clone-model", _model(options, "clone_model", "custom_clone_model"),
-        "--device", str(options.get("device", "auto")),
-        "--dtype", str(options.get("dtype", "auto")),
         "--voices", str(options_path),
         "--voices-dir", VOICES_DIR,
-        "--log-level", str(options.get("log_level", "info")),
     ]
+    args += _flags(options, OPTION_FLAGS)
     if options.get("engine", "local") == "remote":
-        urls = [str(url).strip() for url in options.get("remote_urls") or [] if str(url).strip()]
-        if not urls:
+        remote = _flags(options, REMOTE_FLAGS)
+        if "--remote-url" not in remote:
             raise OptionsError("'engine' is 'remote' but 'remote_urls' is empty: add the speech servers' URLs")
-        args += ["--engine", "remote"]
-        for url in urls:
-            args += ["--remote-url", url]
-        for key, flag in (("remote_api_key", "--remote-api-key"), ("remote_model", "--remote-model")):
-            value = str(options.get(key) or "").strip()
-            if value:
-                args += [flag, value]
-    default_voice = str(options.get("default_voice") or "").strip()
-    if default_voice:
-        args += ["--voice", default_voice]
-    if options.get("compile", False):
-        args.append("--compile")
-    if not options.get("streaming", True):
-        args.append("--no-streaming")
-    args += ["--stream-text-by", str(options.get("stream_text_by", "words"))]
-    zeroconf_name = str(options.get("zeroconf_name") or "").strip()
-    if zeroconf_name:
-        args += ["--zeroconf", zeroconf_name]
+        args += ["--engine", "remote", *remote]
     if options.get("http_api", False):
         # Inside the add-on's container; the Supervisor's port mapping decides who reaches it.
-        args += ["--http-port", str(HTTP_PORT), "--http-host", "0.0.0.0"]
-        api_key = str(options.get("http_api_key") or "").strip()
-        if api_key:
-            args += ["--http-api-key", api_key]
-        if options.get("http_clones", False):
-            args.append("--http-clones")
+        args += ["--http-port", str(HTTP_PORT), "--http-host", "0.0.0.0", *_flags(options, HTTP_FLAGS)]
     return args
 
 

@@ -26,25 +26,6 @@ if TYPE_CHECKING:
     from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Decoder
 
 
-@dataclass(frozen=True)
-class ChunkSchedule:
-    """How many frames go into each PCM chunk of an utterance.
-
-    The first chunk is tiny so audio starts early; later chunks double up to ``max_frames`` so
-    per-chunk overhead stays small once playback has a head start.
-    """
-
-    first_frames: int = 1
-    max_frames: int = 12
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.first_frames <= self.max_frames:
-            raise ValueError("need 1 <= first_frames <= max_frames")
-
-    def frames_in_chunk(self, index: int) -> int:
-        return min(self.max_frames, self.first_frames << min(index, 16))
-
-
 @dataclass
 class DecoderState:
     """What the codec carries from one chunk of an utterance to the next."""

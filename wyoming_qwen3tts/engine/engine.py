@@ -5,52 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import AsyncIterator, Iterable
 
 import numpy as np
 import torch
 
-from .decode import ChunkSchedule
-from .generate import StopRules
-from .loader import LoadOptions, load_model, parameter_bytes, resolve_checkpoint, resolve_placement
-from .prompt import ClonePrompt, DualTrackPrompt, PresetSpeaker, VoiceSpec, build_prompt, resolve_language
+from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
+from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
+from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement
+from .options import EngineOptions
+from .prompt import DualTrackPrompt, build_prompt, resolve_language
 from .text_feed import TextFeed
-from .sampling import SamplingOptions
-from .utterance import AudioChunk, ModelRuntime, Utterance
+from .utterance import ModelRuntime, Utterance
 from .worker import EngineWorker, SynthesisJob
 
 _LOGGER = logging.getLogger(__name__)
 
 CUSTOM_VOICE = "custom_voice"
 BASE = "base"
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What to load and how to stream."""
-
-    model: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
-    clone_model: str | None = None  # a Base checkpoint; loaded only when cloning is wanted
-    models_dir: Path = Path("models")
-    # Where torch.compile keeps compiled kernels, so a restart reuses them (seconds, not minutes).
-    compile_cache_dir: Path | None = None
-    load: LoadOptions = field(default_factory=LoadOptions)
-    stop: StopRules = field(default_factory=StopRules)
-    chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
-
-
-@dataclass(frozen=True)
-class RequestOptions:
-    """Per-request choices; None means the checkpoint's or the package's default."""
-
-    language: str = "auto"
-    sampling: SamplingOptions | None = None
-    seed: int | None = None
-    non_streaming_mode: bool | None = None  # None: the package's default for the voice type
-    instruct: str | None = None
-    max_frames: int | None = None  # a tighter absolute frame cap for this request
 
 
 def codecs_identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -73,6 +46,9 @@ class SpeechEngine:
         self.runtimes = runtimes
         self.options = options
         self.worker = EngineWorker()
+        self.clone_cache = ClonePromptCache(options.clone_cache_dir)
+        self._clone_identity: str | None = None
+        self.clones_computed = 0  # clone prompts computed (not found in the cache) since start
 
     @classmethod
     def load(cls, options: EngineOptions) -> "SpeechEngine":
@@ -80,7 +56,7 @@ class SpeechEngine:
         placement = resolve_placement(options.load)
         torch.set_num_threads(placement.threads)
         _LOGGER.info("PyTorch uses %d CPU thread(s)", placement.threads)
-        if options.load.compile and options.compile_cache_dir is not None:
+        if options.load.compile:
             # The inductor reads its cache location from the environment only.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
         runtimes: dict[str, ModelRuntime] = {}
@@ -153,15 +129,12 @@ class SpeechEngine:
 
     def clone_checkpoint_identity(self) -> str:
         """Fingerprint of the Base checkpoint, for keying cached clone prompts."""
-        from ..clone_cache import checkpoint_identity
-
         runtime = self._runtime(BASE)
         if runtime.folder is None:
             raise ValueError("the Base model was not loaded from a folder")
         return checkpoint_identity(runtime.folder)
 
-    @staticmethod
-    def streams_text(voice: VoiceSpec) -> bool:
+    def streams_text(self, voice: VoiceSpec) -> bool:
         """Whether text can stream into this voice word by word (in-context clones need it whole)."""
         return not (isinstance(voice, ClonePrompt) and not voice.x_vector_only)
 
@@ -185,6 +158,8 @@ class SpeechEngine:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> SynthesisJob:
         """A job that speaks the text segments added to it, in ``voice``. Call from the loop."""
+        if not isinstance(voice, (PresetSpeaker, ClonePrompt)):
+            raise ValueError(f"The local engine speaks preset speakers and clone prompts, not {type(voice).__name__}")
         runtime = self._runtime_for(voice)
         language = resolve_language(runtime.wrapper, request.language)
         if isinstance(voice, PresetSpeaker) and voice.name.lower() not in self.speakers:
@@ -224,6 +199,20 @@ class SpeechEngine:
                 yield chunk
         finally:
             job.cancel()
+
+    async def clone(self, source: CloneSource) -> tuple[ClonePrompt, bool]:
+        """The clone prompt for a checked sample, from the disk cache or computed (and cached)."""
+        if self._clone_identity is None:
+            # Reads samples of the weight files: not on the event loop.
+            self._clone_identity = await asyncio.to_thread(self.clone_checkpoint_identity)
+        key = prompt_key(source.audio_bytes, source.transcript, self._clone_identity)
+        prompt = await asyncio.to_thread(self.clone_cache.load, key)
+        if prompt is not None:
+            return prompt, False
+        prompt = await self.create_clone_prompt(source.samples, source.sample_rate, source.transcript)
+        self.clones_computed += 1
+        await asyncio.to_thread(self.clone_cache.store, key, prompt)
+        return prompt, True
 
     async def create_clone_prompt(
         self, audio: np.ndarray, sample_rate: int, transcript: str | None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .layers import DecoderStack
+from .options import MIN_FRAMES
 from .predictor import CodePredictorLoop, PredictorSampling
 from .prompt import TalkerPrompt
 from .sampling import SamplingOptions, apply_repetition_penalty, choose
@@ -24,27 +25,6 @@ from .sampling import SamplingOptions, apply_repetition_penalty, choose
 if TYPE_CHECKING:
     from qwen_tts.core.models import Qwen3TTSForConditionalGeneration
 
-# The package's talker may not stop before its second frame (`min_new_tokens=2`).
-MIN_FRAMES = 2
-
-
-@dataclass(frozen=True)
-class StopRules:
-    """When an utterance ends, besides the model's end-of-speech code.
-
-    Random or confused weights may never emit the end code (the published 0.6B-Base misses it on
-    about 0.3% of requests), so each utterance gets a frame cap from its text length: speech
-    runs at roughly 3-4 frames per text token, and the cap allows several times that. An
-    absolute cap bounds everything.
-    """
-
-    base_frames: int = 25
-    frames_per_token: float = 12.0
-    max_frames: int = 1500  # 120 s
-
-    def frame_cap(self, text_tokens: int) -> int:
-        derived = self.base_frames + int(self.frames_per_token * max(text_tokens, 1))
-        return max(MIN_FRAMES, min(self.max_frames, derived))
 
 
 class StaticKVCache:
@@ -139,6 +119,7 @@ class FrameGenerator:
         self.eos_mask = ids == self.eos_id
         # The rotary module only reads the dtype and device of its first argument.
         self._probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        self.frames_generated = 0  # every frame since load, all utterances: for monitoring and tests
 
     def warm_up(self, sampling: SamplingOptions) -> None:
         """Compile the code predictor for the checkpoint's default sampling, if compiling."""
@@ -213,6 +194,7 @@ class FrameGenerator:
             rest = self.predictor.codes(state.last_hidden, code0, state.predictor_sampling, state.generator)
             frame = torch.cat((code0, rest))
             state.frames += 1
+            self.frames_generated += 1
             if state.frames >= state.max_frames:
                 state.finish_reason = "cap"
                 return frame

@@ -16,16 +16,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..speech import BackendUnavailableError
+from .options import LoadOptions
 from .qwen_import import import_qwen_tts
 
 if TYPE_CHECKING:
     from qwen_tts import Qwen3TTSModel
 
 _LOGGER = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 
 # Files every 12 Hz checkpoint folder has; a folder missing one is incomplete.
 REQUIRED_FILES = (
@@ -36,38 +34,8 @@ REQUIRED_FILES = (
 )
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(BackendUnavailableError):
     """The model is neither on disk nor downloadable; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to place a model on the machine."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
-    # Keep the talker's text embedding (311 M parameters at 0.6B) in CPU memory: it is only
-    # read while building a prompt, never per frame, so a 4 GB card can hold both models.
-    text_embedding_on_cpu: bool = False
-    # Hand the code predictor's 15-step frame loop to torch.compile (CUDA graphs on a GPU): costs
-    # a compile at start-up, pays where per-operation overhead dominates (GPUs, small models).
-    compile: bool = False
-    # PyTorch's CPU threads; 0: automatic. A float32 frame on CPU is bound by memory bandwidth,
-    # which one thread already saturates on small machines, and a thread spinning on the last
-    # core slows the event loop that streams the audio: all cores but one. A 16-bit model on CPU
-    # is bound by arithmetic instead: all cores (both measured in BENCHMARKS.md).
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ValueError(f"threads must be 0 (automatic) or more, not {self.threads}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
 
 
 @dataclass(frozen=True)

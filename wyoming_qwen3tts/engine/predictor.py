@@ -60,6 +60,7 @@ class CodePredictorLoop:
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)
         self.compile = compile
         self._compiled: dict[PredictorSampling, object] = {}
+        self.compiled_frames = 0  # frames whose codebooks 1-15 came from a compiled loop
         # Fixed input buffers: a compiled graph is specialised to its inputs' strides and
         # dispatch keys, and CUDA graphs read from fixed addresses.
         self._hidden = torch.zeros((1, 1, self.code0_table.shape[1]), dtype=dtype, device=device)
@@ -83,7 +84,9 @@ class CodePredictorLoop:
                 # Should anything still differ from what was compiled, run eagerly rather than
                 # stall every request behind a new compile.
                 with torch.compiler.set_stance("eager_on_recompile"):
-                    return self._run_compiled(compiled, noise)
+                    codes = self._run_compiled(compiled, noise)
+                self.compiled_frames += 1
+                return codes
             except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
                 self._give_up_compiling(error)
         return self._loop(last_hidden, code0, noise, sampling)

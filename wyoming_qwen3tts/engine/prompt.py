@@ -16,34 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..speech import ClonePrompt, PresetSpeaker
+
 if TYPE_CHECKING:
     from qwen_tts import Qwen3TTSModel
 
 
-@dataclass(frozen=True)
-class PresetSpeaker:
-    """One of the speakers in a CustomVoice checkpoint's table."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class ClonePrompt:
-    """A voice cloned from a reference sample (Base checkpoint).
-
-    ``ref_codes`` (frames x 16) and ``ref_text`` are set in in-context mode; x-vector-only mode
-    uses the speaker embedding alone.
-    """
-
-    speaker_embedding: torch.Tensor
-    ref_codes: torch.Tensor | None = None
-    ref_text: str | None = None
-
-    @property
-    def x_vector_only(self) -> bool:
-        return self.ref_codes is None
-
-
+# The voices the local engine speaks.
 VoiceSpec = PresetSpeaker | ClonePrompt
 
 

@@ -8,53 +8,11 @@ same random numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
-
 import torch
 
+from ..speech import SamplingOptions
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How the talker (codebook 0) and the code predictor (codebooks 1-15) pick codes.
-
-    Defaults are the official ones (the checkpoints' generation_config.json).
-    """
-
-    do_sample: bool = True
-    top_k: int = 50
-    top_p: float = 1.0
-    temperature: float = 0.9
-    repetition_penalty: float = 1.05
-    subtalker_do_sample: bool = True
-    subtalker_top_k: int = 50
-    subtalker_top_p: float = 1.0
-    subtalker_temperature: float = 0.9
-    seed: int | None = None
-
-    @classmethod
-    def from_generation_config(cls, config: dict[str, Any] | None) -> "SamplingOptions":
-        """Defaults from a checkpoint's generation_config.json, where it sets them."""
-        config = config or {}
-        names = {
-            "do_sample": "do_sample",
-            "top_k": "top_k",
-            "top_p": "top_p",
-            "temperature": "temperature",
-            "repetition_penalty": "repetition_penalty",
-            "subtalker_dosample": "subtalker_do_sample",
-            "subtalker_top_k": "subtalker_top_k",
-            "subtalker_top_p": "subtalker_top_p",
-            "subtalker_temperature": "subtalker_temperature",
-        }
-        return cls(**{ours: config[theirs] for theirs, ours in names.items() if theirs in config})
-
-    def greedy(self) -> "SamplingOptions":
-        """The same options with sampling switched off for both stages."""
-        return replace(self, do_sample=False, subtalker_do_sample=False)
-
-    def with_seed(self, seed: int | None) -> "SamplingOptions":
-        return replace(self, seed=seed)
+__all__ = ["SamplingOptions", "apply_repetition_penalty", "choose", "choose_with_noise", "filtered_probabilities"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -9,45 +9,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .decode import ChunkSchedule, StreamingCodecDecoder
-from .generate import FrameGenerator, StopRules
+from ..speech import AudioChunk, SamplingOptions
+from .decode import StreamingCodecDecoder
+from .generate import FrameGenerator
+from .options import ChunkSchedule, StopRules
 from .prompt import DualTrackPrompt, TalkerPrompt
 from .text_feed import IncrementalTokenizer, TextFeed
-from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
     from qwen_tts import Qwen3TTSModel
-
-SAMPLE_RATE = 24000
-SAMPLE_WIDTH = 2  # bytes: 16-bit PCM
-CHANNELS = 1
-
-
-@dataclass(frozen=True)
-class AudioChunk:
-    """A piece of an utterance's audio: float32 at 24 kHz, mono."""
-
-    audio: np.ndarray
-    codes: np.ndarray | None = None  # [frames, 16] codec frames it was decoded from (local engine)
-    first_frame: int = 0  # index of this chunk's first frame within its utterance
-    segment: int = 0  # which text segment of the request
-
-    @property
-    def frames(self) -> int:
-        """80 ms frames in this chunk."""
-        if self.codes is not None:
-            return int(self.codes.shape[0])
-        return round(len(self.audio) / (SAMPLE_RATE * 0.08))
-
-    @property
-    def seconds(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
-
-    @property
-    def pcm(self) -> bytes:
-        """16-bit little-endian PCM."""
-        return (np.clip(self.audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-
 
 @dataclass(frozen=True)
 class CodeChunk:
@@ -239,9 +209,4 @@ class Utterance:
         if chunk.fade:
             # Runaway guard: end with a fade rather than a cut in the middle of a sound.
             audio = fade_out(audio, self.fade_samples)
-        return AudioChunk(
-            audio=audio,
-            codes=chunk.codes.cpu().numpy(),
-            first_frame=chunk.first_frame,
-            segment=self.segment,
-        )
+        return AudioChunk(audio=audio, first_frame=chunk.first_frame, segment=self.segment)

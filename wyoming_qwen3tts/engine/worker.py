@@ -18,46 +18,17 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable
 
+from ..speech import AudioChunk, JobCancelled, JobStats
 from .text_feed import TextFeed
-from .utterance import AudioChunk, CodeChunk, Utterance
+from .utterance import CodeChunk, Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
 
-@dataclass
-class JobStats:
-    """What a finished job did, for the request log and benchmarks."""
-
-    created: float
-    characters: int = 0
-    first_audio: float | None = None  # monotonic time the first chunk was handed out
-    audio_seconds: float = 0.0
-    frames: int = 0
-    segments: int = 0
-    finish_reasons: list[str] = field(default_factory=list)
-    finished: float | None = None
-
-    @property
-    def time_to_first_audio(self) -> float | None:
-        return None if self.first_audio is None else self.first_audio - self.created
-
-    @property
-    def real_time_factor(self) -> float | None:
-        """Audio seconds per wall second (above 1 is faster than real time)."""
-        if self.finished is None or self.audio_seconds == 0:
-            return None
-        return self.audio_seconds / max(self.finished - self.created, 1e-9)
-
-
 class JobDone:
     """End-of-stream marker on a job's queue."""
-
-
-class JobCancelled(Exception):
-    """The job was cancelled before it finished."""
 
 
 # Builds the utterance for one segment (its text, or the feed it streams in through) and its
@@ -84,7 +55,7 @@ class SynthesisJob:
         self._done = False
         self._failure: BaseException | None = None  # a decode failed: end the job with it
         self.current: Utterance | None = None
-        self.stats = JobStats(created=time.monotonic())
+        self.stats = JobStats()
 
     # Called from the event loop.
 
@@ -214,10 +185,11 @@ class SynthesisJob:
         utterance = self.current
         codes = utterance.advance_codes()
         if codes is not None:
+            for listener in self._worker.frame_listeners:
+                listener(self.id, codes)
             self._worker.after_decoding(lambda: self._decode(utterance, codes))
         if utterance.finished:
-            self.stats.segments += 1
-            self.stats.finish_reasons.append(self.current.finish_reason or "empty")
+            self.stats.end_segment(self.current.finish_reason or "empty")
             self.current = None
 
     def _decode(self, utterance: Utterance, codes: CodeChunk) -> None:
@@ -236,10 +208,7 @@ class SynthesisJob:
             self._deliver(chunk)
 
     def _deliver(self, chunk: AudioChunk) -> None:
-        if self.stats.first_audio is None:
-            self.stats.first_audio = time.monotonic()
-        self.stats.audio_seconds += chunk.seconds
-        self.stats.frames += chunk.frames
+        self.stats.record(chunk)
         self._post(chunk)
 
 
@@ -252,6 +221,9 @@ class EngineWorker:
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._stopping = False
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-decode")
+        # Called on the model thread with (job id, frames) each time a chunk's frames exist:
+        # for tests and diagnostics that need the codes behind the audio.
+        self.frame_listeners: list[Callable[[int, CodeChunk], None]] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

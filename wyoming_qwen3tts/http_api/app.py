@@ -1,15 +1,13 @@
 """The aiohttp app: POST /v1/audio/speech, GET /v1/models, GET /v1/audio/voices, GET /health.
 
-Requests follow OpenAI's speech API, plus the fields vLLM-Omni adds for Qwen3-TTS (`language`,
-`task_type`, `ref_audio`/`ref_text`, `x_vector_only_mode`, `stream`, `max_new_tokens`,
-`non_streaming_mode`), so clients of either work here. Synthesis goes through the same engine,
-queue and fairness as the Wyoming server.
+The wire format is `openai_wire`'s; what a request means (voice, language, limits, segments)
+is the request layer's. Synthesis goes through the same backend, queue and fairness as the
+Wyoming server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import logging
 import time
@@ -21,269 +19,168 @@ import numpy as np
 from aiohttp import web
 
 from .. import __version__
-from ..clone_cache import ClonePrompts
-from ..engine.engine import RequestOptions, SpeechEngine
-from ..engine.prompt import ClonePrompt, VoiceSpec
-from ..engine.worker import JobCancelled
-from ..reference_audio import ReferenceAudioError, read_reference
-from ..text import split_text
-from ..voices import VoiceCatalog
+from ..openai_wire import AUDIO_DELTA, AUDIO_DONE, AUDIO_ERROR, ModelListing, SpeechBody, SseEvent, VoiceEntry, VoiceListing, WireError
+from ..request import RequestError, SpeechRequests
+from ..speech import AudioChunk, JobCancelled
+from ..voices import Voice
 from .encoders import CONTENT_TYPES, FORMATS, STREAMED_FORMATS, encode, streaming_wav_header
-from .errors import ApiError, from_http_exception, sse
+from .errors import ApiError, from_http_exception
 from .reference import reference_bytes
 
 _LOGGER = logging.getLogger(__name__)
 
 MODEL_ID = "qwen3-tts"
 TASK_TYPES = ("CustomVoice", "Base")
+UPLOAD_FIELDS = ("reference_audio", "ref_audio", "file", "audio_sample")
 
 
 @dataclass(frozen=True)
 class HttpApiOptions:
     """How the HTTP API listens and what it accepts."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback unless opened up
     port: int = 10201
     api_key: str | None = None
-    max_body_bytes: int = 25 << 20
+    max_body_bytes: int = 25 << 20  # uploads included
     max_reference_bytes: int = 16 << 20
-    max_text_chars: int = 20_000
-    voices_dir: Path | None = None  # reference files may only come from here
+    clones: bool = False  # one-off clones from reference audio (the local engine loads its Base model)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"the HTTP port must be 0-65535, not {self.port}")
+        if self.max_reference_bytes > self.max_body_bytes:
+            raise ValueError("the reference audio limit cannot exceed the body limit")
 
 
 @dataclass
-class SpeechRequest:
-    """A parsed /v1/audio/speech request."""
+class SpeechAsk:
+    """A /v1/audio/speech request, checked: what to say, how to send it back."""
 
-    input: str
-    voice: str | None
-    response_format: str = "mp3"
-    stream_format: str | None = None  # None: plain response ("audio" bytes for wav/pcm)
-    language: str = "auto"
-    instructions: str | None = None
-    task_type: str | None = None
-    reference_audio: bytes | None = None
-    reference_text: str | None = None
-    x_vector_only: bool = False
-    max_new_tokens: int | None = None
-    non_streaming_mode: bool | None = None
+    body: SpeechBody
+    response_format: str
+    stream_format: str | None  # None: one response; "audio": raw bytes as made; "sse": events
+    reference_audio: bytes | None
 
 
-def _field(body: dict, *names: str, default=None):
-    for name in names:
-        if name in body and body[name] is not None:
-            return body[name]
-    return default
-
-
-def _string(body: dict, *names: str, default: str | None = None) -> str | None:
-    value = _field(body, *names, default=default)
-    if value is not None and not isinstance(value, str):
-        raise ApiError(400, f"'{names[0]}' must be a string", param=names[0])
-    return value
-
-
-def _boolean(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    raise ApiError(400, f"'{name}' must be true or false", param=name)
+def _http_error(err: RequestError | WireError) -> ApiError:
+    if isinstance(err, WireError):
+        return ApiError(400, err.message, param=err.param)
+    code = "voice_not_found" if err.code == "unknown-voice" else None
+    return ApiError(400, err.message, param=err.param, code=code)
 
 
 class SpeechApi:
     """Request handling; one instance per app."""
 
-    def __init__(
-        self,
-        engine: SpeechEngine,
-        catalog: VoiceCatalog,
-        options: HttpApiOptions,
-        clone_prompts: ClonePrompts | None,
-        request_defaults: RequestOptions = RequestOptions(),
-    ) -> None:
-        self.engine = engine
-        self.catalog = catalog
+    def __init__(self, requests: SpeechRequests, options: HttpApiOptions, voices_dir: Path | None) -> None:
+        self.requests = requests
         self.options = options
-        self.clone_prompts = clone_prompts
-        self.request_defaults = request_defaults
+        self.voices_dir = voices_dir  # reference files may only come from here
         self.created = int(time.time())
 
     # Parsing
 
-    async def _body(self, request: web.Request) -> tuple[dict, bytes | None]:
-        """Fields of a JSON or multipart request, and an uploaded reference file if any."""
-        if request.content_type.startswith("multipart/"):
-            form = await request.post()
-            fields: dict[str, Any] = {}
-            upload = None
-            for name, value in form.items():
-                if hasattr(value, "file"):
-                    if name in ("reference_audio", "ref_audio", "file", "audio_sample"):
-                        upload = value.file.read(self.options.max_reference_bytes + 1)
-                        if len(upload) > self.options.max_reference_bytes:
-                            raise ApiError(413, f"{name} is larger than {self.options.max_reference_bytes} bytes", param=name)
-                else:
-                    fields[name] = value
-            return fields, upload
-        try:
-            body = await request.json()
-        except web.HTTPException:
-            raise
-        except ValueError as err:
-            raise ApiError(400, f"Request body is not valid JSON ({err})") from err
-        if not isinstance(body, dict):
-            raise ApiError(400, "Request body must be a JSON object")
-        return body, None
+    async def _fields(self, request: web.Request) -> tuple[Any, bytes | None]:
+        """The fields of a JSON or multipart request, and an uploaded reference file if any."""
+        if not request.content_type.startswith("multipart/"):
+            try:
+                return await request.json(), None
+            except web.HTTPException:
+                raise
+            except ValueError as err:
+                raise ApiError(400, f"Request body is not valid JSON ({err})") from err
+        fields: dict[str, Any] = {}
+        upload = None
+        limit = self.options.max_reference_bytes
+        for name, value in (await request.post()).items():
+            if not hasattr(value, "file"):
+                fields[name] = value
+            elif name in UPLOAD_FIELDS:
+                upload = value.file.read(limit + 1)
+                if len(upload) > limit:
+                    raise ApiError(413, f"{name} is larger than {limit} bytes", param=name)
+        return fields, upload
 
-    async def parse(self, request: web.Request) -> SpeechRequest:
-        body, upload = await self._body(request)
-        text = _string(body, "input")
-        if text is None:
+    async def parse(self, request: web.Request) -> SpeechAsk:
+        fields, upload = await self._fields(request)
+        body = SpeechBody.from_json(fields)
+        if body.input is None:
             raise ApiError(400, "'input' is required", param="input")
-        if not text.strip():
+        if not body.input.strip():
             raise ApiError(400, "'input' is empty", param="input")
-        if len(text) > self.options.max_text_chars:
-            raise ApiError(
-                400, f"'input' has {len(text)} characters; the limit is {self.options.max_text_chars}", param="input"
-            )
-        response_format = (_string(body, "response_format", default="mp3") or "mp3").lower()
+        response_format = (body.response_format or "mp3").lower()
         if response_format not in FORMATS:
             raise ApiError(
-                400,
-                f"response_format '{response_format}' is not supported; use one of {', '.join(FORMATS)}",
-                param="response_format",
+                400, f"response_format '{response_format}' is not supported; use one of {', '.join(FORMATS)}", param="response_format"
             )
-        speed = _field(body, "speed", default=1.0)
-        try:
-            speed = float(speed)
-        except (TypeError, ValueError):
-            raise ApiError(400, "'speed' must be a number", param="speed") from None
-        if speed != 1.0:
+        if body.speed not in (None, 1.0):
             raise ApiError(400, "Only speed 1.0 is supported: Qwen3-TTS speaks at its natural pace", param="speed")
-        stream_format = _string(body, "stream_format")
+        stream_format = body.stream_format
         if stream_format not in (None, "audio", "sse"):
             raise ApiError(400, "stream_format must be 'audio' or 'sse'", param="stream_format")
-        if stream_format is None and _boolean(_field(body, "stream", default=False), "stream"):
+        if stream_format is None and body.stream:
             stream_format = "sse"
         if stream_format is not None and response_format not in STREAMED_FORMATS:
             raise ApiError(400, "Streaming needs response_format 'pcm' or 'wav'", param="response_format")
-        task_type = _string(body, "task_type")
-        if task_type is not None and task_type not in TASK_TYPES:
-            raise ApiError(400, f"task_type '{task_type}' is not served here; use {' or '.join(TASK_TYPES)}", param="task_type")
-        max_new_tokens = _field(body, "max_new_tokens")
-        if max_new_tokens is not None:
-            try:
-                max_new_tokens = int(max_new_tokens)
-            except (TypeError, ValueError):
-                raise ApiError(400, "'max_new_tokens' must be an integer", param="max_new_tokens") from None
-            if max_new_tokens < 2:
-                raise ApiError(400, "'max_new_tokens' must be at least 2", param="max_new_tokens")
-        non_streaming_mode = _field(body, "non_streaming_mode")
-
+        if body.task_type is not None and body.task_type not in TASK_TYPES:
+            raise ApiError(400, f"task_type '{body.task_type}' is not served here; use {' or '.join(TASK_TYPES)}", param="task_type")
+        if body.max_new_tokens is not None and body.max_new_tokens < 2:
+            raise ApiError(400, "'max_new_tokens' must be at least 2", param="max_new_tokens")
         reference = upload
-        reference_value = _field(body, "reference_audio", "ref_audio")
-        if reference is None and reference_value is not None:
-            if not isinstance(reference_value, str):
-                raise ApiError(400, "'reference_audio' must be a string", param="reference_audio")
-            reference = reference_bytes(reference_value, self.options.voices_dir, self.options.max_reference_bytes)
-        return SpeechRequest(
-            input=text,
-            voice=_string(body, "voice"),
-            response_format=response_format,
-            stream_format=stream_format,
-            language=_string(body, "language", default="auto") or "auto",
-            instructions=_string(body, "instructions", "instruct"),
-            task_type=task_type,
-            reference_audio=reference,
-            reference_text=(_string(body, "reference_text", "ref_text") or "").strip() or None,
-            x_vector_only=_boolean(_field(body, "x_vector_only_mode", default=False), "x_vector_only_mode"),
-            max_new_tokens=max_new_tokens,
-            non_streaming_mode=None if non_streaming_mode is None else _boolean(non_streaming_mode, "non_streaming_mode"),
-        )
+        if reference is None and body.ref_audio is not None:
+            reference = reference_bytes(body.ref_audio, self.voices_dir, self.options.max_reference_bytes)
+        return SpeechAsk(body=body, response_format=response_format, stream_format=stream_format, reference_audio=reference)
 
-    async def voice_for(self, speech: SpeechRequest) -> tuple[VoiceSpec, str]:
-        """The voice to speak with, and the language to use."""
-        language = speech.language.strip().lower() or "auto"
-        if speech.reference_audio is not None:
-            if self.clone_prompts is None or not self.engine.can_clone:
-                raise ApiError(
-                    400,
-                    "Voice cloning is off on this server: start it with --http-clones (or configure a clone voice)",
-                    param="reference_audio",
-                )
-            try:
-                # Decoding and resampling take a while: keep them off the event loop.
-                audio = await asyncio.to_thread(read_reference, speech.reference_audio, "reference_audio")
-            except ReferenceAudioError as err:
-                raise ApiError(400, str(err), param="reference_audio") from err
-            transcript = None if speech.x_vector_only else speech.reference_text
-            prompt, _computed = await self.clone_prompts.get(speech.reference_audio, audio, transcript)
-            return prompt, language
-        voice = self.catalog.find(speech.voice)
-        if voice is None:
-            raise ApiError(
-                400,
-                f"Unknown voice '{speech.voice}'. Available voices: {', '.join(self.catalog.names)}",
-                param="voice",
-                code="voice_not_found",
-            )
-        if speech.task_type == "Base" and not isinstance(voice.spec, ClonePrompt):
+    async def voice_for(self, ask: SpeechAsk) -> Voice:
+        body = ask.body
+        if ask.reference_audio is not None:
+            if not self.options.clones:
+                raise ApiError(400, "Voice cloning is off on this server: start it with --http-clones", param="reference_audio")
+            transcript = None if body.x_vector_only_mode else (body.ref_text or "").strip() or None
+            return await self.requests.one_off_clone(ask.reference_audio, transcript)
+        voice = self.requests.voice(body.voice)
+        if body.task_type == "Base" and not voice.is_clone:
             raise ApiError(400, f"task_type Base needs reference audio or a clone voice; '{voice.name}' is a preset", param="task_type")
-        if speech.task_type == "CustomVoice" and isinstance(voice.spec, ClonePrompt):
+        if body.task_type == "CustomVoice" and voice.is_clone:
             raise ApiError(400, f"task_type CustomVoice needs a preset speaker; '{voice.name}' is a clone", param="task_type")
-        return voice.spec, voice.language if language == "auto" else language
+        return voice
 
     # Handlers
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
-        speech = await self.parse(request)
-        spec, language = await self.voice_for(speech)
-        if language not in self.engine.languages:
-            raise ApiError(400, f"Unknown language '{speech.language}'; use one of {', '.join(self.engine.languages)}", param="language")
-        options = RequestOptions(
-            language=language,
-            sampling=self.request_defaults.sampling,
-            seed=self.request_defaults.seed,
-            non_streaming_mode=speech.non_streaming_mode if speech.non_streaming_mode is not None else self.request_defaults.non_streaming_mode,
-            instruct=speech.instructions,
-            max_frames=None if speech.max_new_tokens is None else speech.max_new_tokens - 1,
-        )
-        job = self.engine.start(spec, options)
-        for segment in split_text(speech.input):
-            job.add_text(segment)
-        job.finish()
+        try:
+            ask = await self.parse(request)
+            voice = await self.voice_for(ask)
+            options = self.requests.request_options(voice, **ask.body.request_changes())
+            job = self.requests.speak(ask.body.input, voice, options)
+        except (RequestError, WireError) as err:
+            raise _http_error(err) from err
         chunks = job.__aiter__()
         try:
             # Headers go out with the first audio, so a failure before it is still a clean error.
-            try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = None
-            if speech.stream_format == "sse":
-                return await self._send_sse(request, speech, first, chunks)
-            if speech.response_format in STREAMED_FORMATS:
-                return await self._send_stream(request, speech, first, chunks)
+            first = await anext(chunks, None)
+            if ask.stream_format == "sse":
+                return await self._send_sse(request, ask, first, chunks)
+            if ask.response_format in STREAMED_FORMATS:
+                return await self._send_stream(request, ask, first, chunks)
             audio = [] if first is None else [first.audio]
             audio += [chunk.audio async for chunk in chunks]
             clip = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
-            body = await asyncio.to_thread(encode, clip, speech.response_format)
-            return web.Response(body=body, content_type=CONTENT_TYPES[speech.response_format].split(";")[0])
-        except (JobCancelled, ConnectionError):
+            data = await asyncio.to_thread(encode, clip, ask.response_format)
+            return web.Response(body=data, content_type=CONTENT_TYPES[ask.response_format].split(";")[0])
+        except (JobCancelled, ConnectionError, ApiError):
             raise
-        except ApiError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the engine failed this request
+        except Exception as err:  # noqa: BLE001 - the backend failed this request
             _LOGGER.exception("Speech request failed")
             raise ApiError(500, f"Synthesis failed: {err}") from err
         finally:
             job.cancel()
 
-    async def _send_stream(self, request, speech: SpeechRequest, first, chunks) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[speech.response_format]})
+    async def _send_stream(self, request, ask: SpeechAsk, first: AudioChunk | None, chunks) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[ask.response_format]})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        if speech.response_format == "wav":
+        if ask.response_format == "wav":
             await response.write(streaming_wav_header())
         try:
             if first is not None:
@@ -300,15 +197,14 @@ class SpeechApi:
         await response.write_eof()
         return response
 
-    async def _send_sse(self, request, speech: SpeechRequest, first, chunks) -> web.StreamResponse:
+    async def _send_sse(self, request, ask: SpeechAsk, first: AudioChunk | None, chunks) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         frames = 0
-        header = streaming_wav_header() if speech.response_format == "wav" else b""
+        header = streaming_wav_header() if ask.response_format == "wav" else b""
 
         async def delta(pcm: bytes) -> None:
-            audio = base64.b64encode(pcm).decode()
-            await response.write(sse("speech.audio.delta", {"type": "speech.audio.delta", "audio": audio, "response_format": speech.response_format}))
+            await response.write(SseEvent(AUDIO_DELTA, audio=pcm, response_format=ask.response_format).to_bytes())
 
         try:
             if first is not None:
@@ -321,34 +217,28 @@ class SpeechApi:
             raise
         except Exception as err:  # noqa: BLE001 - report it the way the stream reports things
             _LOGGER.exception("Speech stream failed after it started")
-            error = ApiError(500, f"Synthesis failed: {err}").body()["error"]
-            await response.write(sse("speech.audio.error", {"type": "speech.audio.error", "error": error}))
+            await response.write(SseEvent(AUDIO_ERROR, error=ApiError(500, f"Synthesis failed: {err}").body()).to_bytes())
             await response.write_eof()
             return response
         usage = {"input_tokens": 0, "output_tokens": frames * 16, "total_tokens": frames * 16}
-        await response.write(sse("speech.audio.done", {"type": "speech.audio.done", "usage": usage}))
+        await response.write(SseEvent(AUDIO_DONE, usage=usage).to_bytes())
         await response.write_eof()
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": self.created, "owned_by": "qwen"}]}
-        )
+        return web.json_response(ModelListing(ids=[MODEL_ID], created=self.created).to_json())
 
     async def voices(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "voices": self.catalog.names,
-                "uploaded_voices": [],
-                "data": [
-                    {"name": v.name, "description": v.description, "languages": v.languages, "clone": isinstance(v.spec, ClonePrompt)}
-                    for v in self.catalog.voices
-                ],
-            }
+        catalog = self.requests.catalog
+        listing = VoiceListing(
+            voices=catalog.names,
+            data=[VoiceEntry(v.name, v.description, v.languages, v.is_clone) for v in catalog.voices],
+            can_clone=self.options.clones and self.requests.backend.can_clone,
         )
+        return web.json_response(listing.to_json())
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "version": __version__, "active_requests": self.engine.active_jobs})
+        return web.json_response({"status": "ok", "version": __version__, "active_requests": self.requests.backend.active_jobs})
 
 
 def create_app(api: SpeechApi) -> web.Application:

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import soundfile
 
-from ..engine.utterance import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
+from ..speech import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
 
 STREAMED_FORMATS = ("wav", "pcm")
 CONTENT_TYPES = {

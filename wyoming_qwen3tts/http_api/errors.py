@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
+
+from ..openai_wire import ErrorBody
 
 
 class ApiError(Exception):
@@ -29,11 +29,11 @@ class ApiError(Exception):
             return "server_error"
         return "invalid_request_error"
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorBody:
+        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        return web.json_response(self.body().to_json(), status=self.status)
 
 
 def from_http_exception(err: web.HTTPException) -> ApiError:
@@ -47,7 +47,3 @@ def from_http_exception(err: web.HTTPException) -> ApiError:
     if err.status == 413 and err.text:
         message = f"Request body is too large ({err.text.strip()})"
     return ApiError(err.status, message, code=err.reason.lower().replace(" ", "_") if err.reason else None)
-
-
-def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()

@@ -10,10 +10,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ..speech import BackendUnavailableError
+
 _LOGGER = logging.getLogger(__name__)
 
 
-class NoReplicaError(RuntimeError):
+class NoReplicaError(BackendUnavailableError):
     """Every replica is down (or was already tried for this request)."""
 
 

@@ -19,57 +19,22 @@ from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from ..engine.engine import RequestOptions, SpeechEngine
-from ..engine.utterance import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
-from ..engine.worker import JobCancelled, SynthesisJob
-from ..text import TextSegmenter, WordStreamSegmenter, split_text
-from ..voices import Voice, VoiceCatalog
+from ..request import RequestError, SpeechRequests, TextStream
+from ..speech import AUDIO_FORMAT, JobCancelled, SpeechJob
+from ..voices import Voice
 from .events import EventLimits, ProtocolError, read_event
 from .info import PROGRAM_NAME
 
 _LOGGER = logging.getLogger(__name__)
-
-AUDIO_FORMAT = {"rate": SAMPLE_RATE, "width": SAMPLE_WIDTH, "channels": CHANNELS}
 
 
 @dataclass(frozen=True)
 class HandlerConfig:
     """What every connection shares."""
 
-    engine: SpeechEngine
-    catalog: VoiceCatalog
+    requests: SpeechRequests
     info: Info
-    max_text_chars: int = 20_000
     limits: EventLimits = EventLimits()
-    request: RequestOptions = RequestOptions()
-    stream_text_by: str = "words"  # streamed text enters the model: "words" (dual track) or "sentences"
-
-
-@dataclass
-class _TextStream:
-    """A streaming synthesis in progress (synthesize-start .. synthesize-stop)."""
-
-    job: SynthesisJob
-    segmenter: TextSegmenter | WordStreamSegmenter
-    chars: int = 0
-
-    def feed(self, text: str) -> None:
-        self._apply(self.segmenter.add(text))
-
-    def end(self) -> None:
-        self._apply(self.segmenter.finish())
-        self.job.finish()
-
-    def _apply(self, output) -> None:
-        if isinstance(self.segmenter, WordStreamSegmenter):
-            for piece, close in output:
-                if piece:
-                    self.job.append_text(piece)
-                if close:
-                    self.job.close_segment()
-        else:
-            for segment in output:
-                self.job.add_text(segment)
 
 
 class TtsEventHandler(AsyncEventHandler):
@@ -80,7 +45,7 @@ class TtsEventHandler(AsyncEventHandler):
         self.config = config
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "client")
-        self._stream: _TextStream | None = None
+        self._stream: TextStream | None = None
         self._speaking: asyncio.Task | None = None
         self._warned_types: set[str] = set()
 
@@ -148,67 +113,45 @@ class TtsEventHandler(AsyncEventHandler):
         await self.write_event(Error(text=text, code=code).event())
         return False
 
-    async def _voice(self, requested) -> Voice | None:
-        name = None if requested is None else (requested.name or requested.speaker)
-        voice = self.config.catalog.find(name)
-        if voice is None:
-            await self._refuse(
-                f"Unknown voice {name!r}. Available voices: {', '.join(self.config.catalog.names)}",
-                "unknown-voice",
-            )
-        return voice
-
-    def _start_job(self, voice: Voice) -> SynthesisJob:
-        request = RequestOptions(
-            language=voice.language,
-            sampling=self.config.request.sampling,
-            seed=self.config.request.seed,
-            non_streaming_mode=self.config.request.non_streaming_mode,
-        )
-        return self.config.engine.start(voice.spec, request)
-
-    def _too_long(self, chars: int) -> bool:
-        return chars > self.config.max_text_chars
+    async def _open(self, requested, text: str | None = None) -> tuple[SpeechJob, Voice, TextStream | None] | None:
+        """A job for a synthesize (with its text) or a stream (without); None after a refusal."""
+        requests = self.config.requests
+        try:
+            voice = requests.voice(None if requested is None else (requested.name or requested.speaker))
+            if text is not None:
+                return requests.speak(text, voice), voice, None
+            stream = requests.open_stream(voice)
+            return stream.job, voice, stream
+        except RequestError as err:
+            await self._refuse(err.message, err.code)
+            return None
 
     async def _synthesize(self, synthesize: Synthesize) -> bool:
-        voice = await self._voice(synthesize.voice)
-        if voice is None:
+        opened = await self._open(synthesize.voice, synthesize.text)
+        if opened is None:
             return False
-        if self._too_long(len(synthesize.text)):
-            return await self._refuse(
-                f"Text of {len(synthesize.text)} characters is over the limit of {self.config.max_text_chars}",
-                "text-too-long",
-            )
-        job = self._start_job(voice)
-        for segment in split_text(synthesize.text):
-            job.add_text(segment)
-        job.finish()
+        job, voice, _stream = opened
         self._speak(job, voice, streaming=False)
         return True
 
     async def _start_stream(self, start: SynthesizeStart) -> bool:
         if self._stream is not None:
             return await self._refuse("synthesize-start while a text stream is already open", "protocol")
-        voice = await self._voice(start.voice)
-        if voice is None:
+        opened = await self._open(start.voice)
+        if opened is None:
             return False
-        job = self._start_job(voice)
-        by_words = self.config.stream_text_by == "words" and self.config.engine.streams_text(voice.spec)
-        self._stream = _TextStream(job=job, segmenter=WordStreamSegmenter() if by_words else TextSegmenter())
+        job, voice, self._stream = opened
         self._speak(job, voice, streaming=True)
         return True
 
     async def _stream_text(self, text: str) -> bool:
-        stream = self._stream
-        if stream is None:
+        if self._stream is None:
             _LOGGER.warning("Ignoring synthesize-chunk from %s outside a text stream", self.peer)
             return True
-        stream.chars += len(text)
-        if self._too_long(stream.chars):
-            return await self._refuse(
-                f"Streamed text is over the limit of {self.config.max_text_chars} characters", "text-too-long"
-            )
-        stream.feed(text)
+        try:
+            self._stream.feed(text)
+        except RequestError as err:
+            return await self._refuse(err.message, err.code)
         return True
 
     async def _stop_stream(self) -> bool:
@@ -222,12 +165,12 @@ class TtsEventHandler(AsyncEventHandler):
 
     # Audio
 
-    def _speak(self, job: SynthesisJob, voice: Voice, streaming: bool) -> None:
+    def _speak(self, job: SpeechJob, voice: Voice, streaming: bool) -> None:
         """Forward the job's audio after whatever this connection is already sending."""
         previous = self._speaking
         self._speaking = asyncio.create_task(self._forward(job, voice, streaming, previous))
 
-    async def _forward(self, job: SynthesisJob, voice: Voice, streaming: bool, previous: asyncio.Task | None) -> None:
+    async def _forward(self, job: SpeechJob, voice: Voice, streaming: bool, previous: asyncio.Task | None) -> None:
         try:
             if previous is not None:
                 await asyncio.gather(previous, return_exceptions=True)
@@ -258,7 +201,7 @@ class TtsEventHandler(AsyncEventHandler):
             finally:
                 self.writer.close()
 
-    def _log_request(self, job: SynthesisJob, voice: Voice) -> None:
+    def _log_request(self, job: SpeechJob, voice: Voice) -> None:
         stats = job.stats
         first = stats.time_to_first_audio
         rtf = stats.real_time_factor

@@ -7,21 +7,14 @@ gets a new entry; an entry that does not load is rebuilt.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
-from .engine.prompt import ClonePrompt
-
-if TYPE_CHECKING:
-    from .engine.engine import SpeechEngine
-    from .reference_audio import ReferenceAudio
+from ..speech import ClonePrompt
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -117,25 +110,3 @@ class ClonePromptCache:
         entries = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)
         for stale in entries[: max(0, len(entries) - self.max_entries)]:
             stale.unlink(missing_ok=True)
-
-
-class ClonePrompts:
-    """Clone prompts for samples: from the disk cache, or computed by the engine and cached."""
-
-    def __init__(self, engine: "SpeechEngine", cache: ClonePromptCache) -> None:
-        self.engine = engine
-        self.cache = cache
-        self._identity: str | None = None
-
-    async def get(self, audio_bytes: bytes, audio: "ReferenceAudio", transcript: str | None) -> tuple[ClonePrompt, bool]:
-        """The prompt for a checked sample, and whether it had to be computed."""
-        if self._identity is None:
-            # Reads samples of the weight files: not on the event loop.
-            self._identity = await asyncio.to_thread(self.engine.clone_checkpoint_identity)
-        key = prompt_key(audio_bytes, transcript, self._identity)
-        prompt = self.cache.load(key)
-        if prompt is not None:
-            return prompt, False
-        prompt = await self.engine.create_clone_prompt(audio.samples, audio.sample_rate, transcript)
-        self.cache.store(key, prompt)
-        return prompt, True

@@ -1,0 +1,117 @@
+"""What the local engine is told: which checkpoints, how to place them, when to stop, how to chunk.
+
+Plain values, no torch: the command line and the add-on build these without loading the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
+DEFAULT_CLONE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+# The package's talker may not stop before its second frame (`min_new_tokens=2`).
+MIN_FRAMES = 2
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to place a model on the machine."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+    # Keep the talker's text embedding (311 M parameters at 0.6B) in CPU memory: it is only
+    # read while building a prompt, never per frame, so a 4 GB card can hold both models.
+    text_embedding_on_cpu: bool = False
+    # Hand the code predictor's 15-step frame loop to torch.compile (CUDA graphs on a GPU): costs
+    # a compile at start-up, pays where per-operation overhead dominates (GPUs, small models).
+    compile: bool = False
+    # PyTorch's CPU threads; 0: automatic. A float32 frame on CPU is bound by memory bandwidth,
+    # which one thread already saturates on small machines, and a thread spinning on the last
+    # core slows the event loop that streams the audio: all cores but one. A 16-bit model on CPU
+    # is bound by arithmetic instead: all cores (both measured in BENCHMARKS.md).
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (automatic) or more, not {self.threads}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When an utterance ends, besides the model's end-of-speech code.
+
+    Random or confused weights may never emit the end code (the published 0.6B-Base misses it on
+    about 0.3% of requests), so each utterance gets a frame cap from its text length: speech
+    runs at roughly 3-4 frames per text token, and the cap allows several times that. An
+    absolute cap bounds everything.
+    """
+
+    base_frames: int = 25
+    frames_per_token: float = 12.0
+    max_frames: int = 1500  # 120 s
+
+    def frame_cap(self, text_tokens: int) -> int:
+        derived = self.base_frames + int(self.frames_per_token * max(text_tokens, 1))
+        return max(MIN_FRAMES, min(self.max_frames, derived))
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """How many frames go into each PCM chunk of an utterance.
+
+    The first chunk is tiny so audio starts early; later chunks double up to ``max_frames`` so
+    per-chunk overhead stays small once playback has a head start.
+    """
+
+    first_frames: int = 1
+    max_frames: int = 12
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first_frames <= self.max_frames:
+            raise ValueError("need 1 <= first_frames <= max_frames")
+
+    @classmethod
+    def starting_with(cls, first_frames: int) -> "ChunkSchedule":
+        """The default doubling schedule from a first chunk of ``first_frames``."""
+        return cls(first_frames=first_frames, max_frames=max(cls.max_frames, first_frames))
+
+    def frames_in_chunk(self, index: int) -> int:
+        return min(self.max_frames, self.first_frames << min(index, 16))
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What to load and how to stream."""
+
+    model: str = DEFAULT_MODEL
+    clone_model: str | None = None  # a Base checkpoint; None: no cloning
+    # Downloaded models (models/), compiled kernels (compile-cache/) and computed clone prompts
+    # (clone-prompts/): kept so a restart reuses them.
+    data_dir: Path = Path("data")
+    load: LoadOptions = field(default_factory=LoadOptions)
+    stop: StopRules = field(default_factory=StopRules)
+    chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return self.data_dir / "compile-cache"
+
+    @property
+    def clone_cache_dir(self) -> Path:
+        return self.data_dir / "clone-prompts"
