@@ -68,7 +68,7 @@ class ServerThread:
         for server in servers:
             await server.stop()
         if owns_engine:
-            await self.engine.aclose()
+            await self.requests.aclose()
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)

@@ -188,3 +188,41 @@ async def test_a_remote_serving_only_presets_does_not_clone_and_says_so(sample_d
     assert is_one_audio_cycle(cycle.types)
     assert refused.types == ["error"] and "Unknown voice 'Grandma'" in refused.events[0].data["text"]
     assert "this backend cannot clone: Grandma skipped" in caplog.text
+
+
+async def describe_voices(server) -> list[str]:
+    from wyoming.info import Describe, Info
+
+    async with server.client() as client:
+        await client.write_event(Describe().event())
+        cycle = await read_until(client, "info", timeout=10)
+    return [voice.name for voice in Info.from_event(cycle.events[-1]).tts[0].voices]
+
+
+async def test_a_front_whose_remote_is_down_at_start_waits_for_it_and_serves_once_it_answers(caplog):
+    double = VllmOmniDouble(free_port())  # not started yet: the GPU box is still booting
+    front = ServerThread(front_settings([double.url]))
+    try:
+        assert await describe_voices(front) == []
+        refused = await speak(front, "Hello there.", "Ryan")
+        assert refused.types == ["error"] and "No voices yet" in refused.events[0].data["text"]
+        assert "no remote speech server answered" in caplog.text and "trying again" in caplog.text
+
+        double.start()
+        for _ in range(100):  # the front retries after 1, 2, 4 ... s
+            if await describe_voices(front):
+                break
+            await asyncio.sleep(0.1)
+        assert "Ryan" in await describe_voices(front)
+        assert is_one_audio_cycle((await speak(front, "Hello there.", "Ryan")).types)
+
+        double.stop()  # the remote goes away ...
+        gone = await speak(front, "Are you there?", "Ryan")
+        assert gone.types[-1] == "error" and "audio-chunk" not in gone.types
+        back = VllmOmniDouble(double.port)  # ... and comes back
+        back.start()
+        await asyncio.sleep(0.7)  # past the retry pause
+        assert is_one_audio_cycle((await speak(front, "Welcome back.", "Ryan")).types)
+        back.stop()
+    finally:
+        front.stop()

@@ -80,11 +80,24 @@ class SpeechRequests:
 
     def __init__(self, backend: SpeechBackend, catalog: VoiceCatalog, options: RequestLayerOptions = RequestLayerOptions()) -> None:
         self.backend = backend
-        self.catalog = catalog
+        self.catalog = catalog  # replaced when the backend's voices change (a remote answering late)
         self.options = options
+        self.tasks: list[asyncio.Task] = []  # background work for this layer (a catalog still to come)
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.backend.aclose()
 
     def voice(self, name: str | None) -> Voice:
         """The named voice (any case), the default for no name."""
+        if not self.catalog.voices:
+            raise RequestError(
+                "No voices yet: the speech servers have not answered; this server keeps trying, ask again shortly",
+                "no-voices",
+                "voice",
+            )
         voice = self.catalog.find(name)
         if voice is None:
             raise RequestError(

@@ -44,11 +44,14 @@ async def build_catalog(backend: SpeechBackend, settings: Settings, entries: lis
 
 async def open_backend(settings: Settings, wants_clones: bool) -> SpeechBackend:
     if settings.remote is not None:
-        from .remote.engine import RemoteEngine
+        from .remote.engine import NoReplicaError, RemoteEngine
 
         engine = RemoteEngine(settings.remote)
         try:
-            await engine.connect()
+            await engine.connect(quiet=True)
+        except NoReplicaError as err:
+            # The GPU box may still be booting, or be off for the night: serve anyway, say so once.
+            _LOGGER.warning("%s. Serving without voices and trying again until one answers.", err)
         except BaseException:
             await engine.aclose()
             raise
@@ -65,12 +68,26 @@ async def prepare(settings: Settings) -> SpeechRequests:
     entries = clone_entries(settings)
     wants_clones = bool(entries) or (settings.http is not None and settings.http.clones)
     backend = await open_backend(settings, wants_clones)
+    if backend.ready:
+        try:
+            catalog = await build_catalog(backend, settings, entries)
+        except BaseException:
+            await backend.aclose()
+            raise
+        return SpeechRequests(backend, catalog, settings.requests)
+    requests = SpeechRequests(backend, VoiceCatalog([], allow_empty=True), settings.requests)
+    requests.tasks.append(asyncio.create_task(_catalog_once_connected(requests, settings, entries)))
+    return requests
+
+
+async def _catalog_once_connected(requests: SpeechRequests, settings: Settings, entries: list[CloneEntry]) -> None:
+    await requests.backend.wait_ready()
     try:
-        catalog = await build_catalog(backend, settings, entries)
-    except BaseException:
-        await backend.aclose()
-        raise
-    return SpeechRequests(backend, catalog, settings.requests)
+        requests.catalog = await build_catalog(requests.backend, settings, entries)
+    except Exception:  # noqa: BLE001 - a bad default voice, say: the log says why, the server stays up
+        _LOGGER.exception("The remote speech server answered, but its voices cannot be served")
+        return
+    _LOGGER.info("The remote speech server answered: serving %d voices", len(requests.catalog.voices))
 
 
 def edges(settings: Settings, requests: SpeechRequests) -> list[WyomingTtsServer | HttpApiServer]:
@@ -99,4 +116,4 @@ async def serve(settings: Settings) -> None:
     finally:
         for server in servers:
             await server.stop()
-        await requests.backend.aclose()
+        await requests.aclose()

@@ -289,6 +289,13 @@ class SpeechBackend(Protocol):
     def active_jobs(self) -> int:
         """Jobs started and not yet ended."""
 
+    @property
+    def ready(self) -> bool:
+        """Whether the backend knows its voices (a remote one may not have answered yet)."""
+
+    async def wait_ready(self) -> None:
+        """Return once `ready`; keeps trying for as long as it takes."""
+
     def streams_text(self, voice: VoiceSpec) -> bool:
         """Whether text appended to a job in this voice is spoken before its segment is complete."""
 

@@ -114,12 +114,13 @@ def preset_voices(engine: SpeechBackend) -> list[Voice]:
 class VoiceCatalog:
     """Voices by case-insensitive name, with a default."""
 
-    def __init__(self, voices: list[Voice], default: str | None = None) -> None:
-        if not voices:
+    def __init__(self, voices: list[Voice], default: str | None = None, allow_empty: bool = False) -> None:
+        if not voices and not allow_empty:
             raise ValueError("no voices: the model has no speakers and no clone voice is configured")
         self._voices = {voice.key: voice for voice in voices}
-        if default is None:
-            self.default = voices[0]
+        self.default: Voice | None
+        if default is None or not voices:
+            self.default = voices[0] if voices else None
         elif default.lower() in self._voices:
             self.default = self._voices[default.lower()]
         else:

@@ -74,6 +74,7 @@ class RemoteEngine:
         self._voices: dict[str, str] = {}  # lower-case name -> the name as the remote spells it
         self._voice_tasks: dict[str, str] = {}
         self._can_clone = False
+        self.ready = False  # a replica has answered and its voices are known
         self.model: str | None = options.model
         self.jobs: set[RemoteJob] = set()  # started, not yet ended
 
@@ -87,7 +88,7 @@ class RemoteEngine:
             self._session = aiohttp.ClientSession(timeout=timeout, headers=headers)
         return self._session
 
-    async def connect(self) -> None:
+    async def connect(self, quiet: bool = False) -> None:
         """Learn voices (and the model name) from the first replica that answers."""
         errors = []
         for replica in self.pool.replicas:
@@ -95,8 +96,9 @@ class RemoteEngine:
                 voices, models = await fetch_listings(self.session, replica, want_models=self.model is None)
             except ReplicaFailed as err:
                 errors.append(f"{replica.url}: {err}")
-                self.pool.mark_down(replica, str(err))
+                self.pool.mark_down(replica, str(err), quiet=quiet)
                 continue
+            self.pool.mark_up(replica)
             if self.model is None:
                 self.model = models.ids[0] if models.ids else None
             clones = voices.clone_names
@@ -106,8 +108,20 @@ class RemoteEngine:
             # Our own servers say whether they clone; a vLLM-Omni server clones when it serves a Base model.
             self._can_clone = voices.can_clone if voices.can_clone is not None else "base" in (self.model or "").lower()
             _LOGGER.info("Remote engine: %d voices from %s (model %s)", len(self._voices), replica.url, self.model)
+            self.ready = True
             return
         raise NoReplicaError("no remote speech server answered: " + "; ".join(errors))
+
+    async def wait_ready(self, first_delay: float = 1.0, max_delay: float = 30.0) -> None:
+        """Try `connect` until a replica answers, waiting longer after each miss (up to ``max_delay``)."""
+        delay = first_delay
+        while not self.ready:
+            await asyncio.sleep(delay)
+            try:
+                await self.connect(quiet=True)
+            except NoReplicaError as err:
+                _LOGGER.debug("Still waiting for a remote speech server: %s", err)
+                delay = min(max_delay, delay * 2)
 
     @property
     def active_jobs(self) -> int:

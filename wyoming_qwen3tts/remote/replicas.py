@@ -51,11 +51,11 @@ class ReplicaPool:
             return min(healthy, key=lambda r: (r.active, r.failures))
         return min(untried, key=lambda r: r.down_until)
 
-    def mark_down(self, replica: Replica, reason: str) -> None:
+    def mark_down(self, replica: Replica, reason: str, quiet: bool = False) -> None:
         replica.failures += 1
         pause = min(self.max_retry_after, self.retry_after * 2 ** (replica.failures - 1))
         replica.down_until = time.monotonic() + pause
-        _LOGGER.warning("Remote %s marked down for %.0f s: %s", replica.url, pause, reason)
+        _LOGGER.log(logging.DEBUG if quiet else logging.WARNING, "Remote %s marked down for %.0f s: %s", replica.url, pause, reason)
 
     def mark_up(self, replica: Replica) -> None:
         if replica.failures:

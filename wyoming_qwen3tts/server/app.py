@@ -13,7 +13,6 @@ from ..request import SpeechRequests
 from .discovery import announce
 from .events import EventLimits
 from .handler import HandlerConfig, TtsEventHandler
-from .info import build_info
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,11 +37,7 @@ class WyomingOptions:
 class WyomingTtsServer:
     def __init__(self, options: WyomingOptions, requests: SpeechRequests) -> None:
         self.options = options
-        self.config = HandlerConfig(
-            requests=requests,
-            info=build_info(requests.catalog, streaming=options.streaming),
-            limits=options.limits,
-        )
+        self.config = HandlerConfig(requests=requests, streaming=options.streaming, limits=options.limits)
         self._server = AsyncServer.from_uri(options.uri)
         self._zeroconf = None  # held so the announcement lives as long as the server
 
@@ -54,7 +49,8 @@ class WyomingTtsServer:
         """Listen and announce, without blocking."""
         await self._server.start(partial(TtsEventHandler, self.config))
         catalog = self.config.requests.catalog
-        _LOGGER.info("Listening on %s with %d voices (default %s)", self.options.uri, len(catalog.voices), catalog.default.name)
+        default = catalog.default.name if catalog.default else "none yet"
+        _LOGGER.info("Listening on %s with %d voices (default %s)", self.options.uri, len(catalog.voices), default)
         if self.options.zeroconf_name:
             if not isinstance(self._server, AsyncTcpServer):
                 _LOGGER.warning("Zeroconf needs a tcp:// URI; not announcing %s", self.options.uri)

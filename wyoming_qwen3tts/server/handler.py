@@ -23,7 +23,7 @@ from ..request import RequestError, SpeechRequests, TextStream
 from ..speech import AUDIO_FORMAT, JobCancelled, SpeechJob
 from ..voices import Voice
 from .events import EventLimits, ProtocolError, read_event
-from .info import PROGRAM_NAME
+from .info import PROGRAM_NAME, build_info
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,8 +33,13 @@ class HandlerConfig:
     """What every connection shares."""
 
     requests: SpeechRequests
-    info: Info
+    streaming: bool = True  # advertise streaming synthesis
     limits: EventLimits = EventLimits()
+
+    @property
+    def info(self) -> Info:
+        # Built per describe: the catalog may change (a remote that answers late).
+        return build_info(self.requests.catalog, streaming=self.streaming)
 
 
 class TtsEventHandler(AsyncEventHandler):
