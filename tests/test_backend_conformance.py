@@ -124,13 +124,19 @@ async def test_appended_text_closes_into_segments(backend):
     await wait_idle(backend)
 
 
-async def test_a_cancelled_job_ends_with_job_cancelled_and_frees_the_backend(backend):
+async def start_long_job(backend: SpeechBackend):
+    """A job of 20 sentences that has begun to speak, and its chunk iterator."""
     job = backend.start(PresetSpeaker("ryan"), GREEDY)
     for index in range(20):
         job.add_text(f"Sentence number {index}.")
     job.finish()
     chunks = job.__aiter__()
     await anext(chunks)
+    return job, chunks
+
+
+async def test_a_cancelled_job_ends_with_job_cancelled_and_frees_the_backend(backend):
+    job, chunks = await start_long_job(backend)
     job.cancel()
     with pytest.raises(JobCancelled):
         async for _chunk in chunks:
@@ -167,12 +173,7 @@ async def test_closing_a_backend_ends_its_running_jobs(kind, checkpoints, tmp_pa
     else:
         backend = RemoteEngine(RemoteOptions(urls=(request.getfixturevalue("remote_server").http_url,)))
         await backend.connect()
-    job = backend.start(PresetSpeaker("ryan"), GREEDY)
-    for index in range(20):
-        job.add_text(f"Sentence number {index}.")
-    job.finish()
-    chunks = job.__aiter__()
-    await anext(chunks)
+    _job, chunks = await start_long_job(backend)
     await backend.aclose()
     with pytest.raises(JobCancelled):
         async for _chunk in chunks:

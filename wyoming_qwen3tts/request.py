@@ -109,7 +109,8 @@ class SpeechRequests:
         """A voice cloned from a sample sent with the request (not added to the catalog)."""
         if not self.backend.can_clone:
             raise RequestError(
-                "Voice cloning is off on this server: start it with --http-clones (or configure a clone voice)",
+                "This server's speech backend cannot clone voices: a local engine needs its Base model "
+                "(--http-clones), a remote one a server that clones",
                 "cloning-off",
                 param,
             )

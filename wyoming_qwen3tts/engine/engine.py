@@ -100,7 +100,9 @@ class SpeechEngine:
     def active_jobs(self) -> int:
         return self.worker.active_jobs
 
-    ready = True  # the models are loaded before the engine exists
+    @property
+    def ready(self) -> bool:
+        return True  # the models are loaded before the engine exists
 
     async def wait_ready(self) -> None:
         return None

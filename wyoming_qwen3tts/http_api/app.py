@@ -188,7 +188,7 @@ class SpeechApi:
                 async for chunk in chunks:
                     await response.write(chunk.pcm)
         except (JobCancelled, ConnectionError):
-            raise
+            return self._client_left(request, response)
         except Exception:  # noqa: BLE001 - too late for an error status: cut the stream short
             _LOGGER.exception("Speech stream failed after it started")
             if request.transport is not None:
@@ -214,7 +214,7 @@ class SpeechApi:
                     frames += chunk.frames
                     await delta(chunk.pcm)
         except (JobCancelled, ConnectionError):
-            raise
+            return self._client_left(request, response)
         except Exception as err:  # noqa: BLE001 - report it the way the stream reports things
             _LOGGER.exception("Speech stream failed after it started")
             await response.write(SseEvent(AUDIO_ERROR, error=ApiError(500, f"Synthesis failed: {err}").body()).to_bytes())
@@ -223,6 +223,12 @@ class SpeechApi:
         usage = {"input_tokens": 0, "output_tokens": frames * 16, "total_tokens": frames * 16}
         await response.write(SseEvent(AUDIO_DONE, usage=usage).to_bytes())
         await response.write_eof()
+        return response
+
+    @staticmethod
+    def _client_left(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        # Nothing more can reach the client; the job is cancelled by the caller.
+        _LOGGER.info("Client of %s %s left before the audio was complete", request.method, request.path)
         return response
 
     async def models(self, request: web.Request) -> web.Response:
