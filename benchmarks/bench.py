@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from report import write_report
+
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import parameter_bytes
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
@@ -274,26 +276,6 @@ def render(args, device, stock_seconds, stock_fps, rows, memory, per_frame) -> s
     )
     lines.append("- memory: " + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in memory.items()))
     return "\n".join(lines)
-
-
-def write_report(path: Path, label: str, report: str) -> None:
-    """Replace (or add) this run's section in BENCHMARKS.md, keeping the others."""
-    header = "# Benchmarks\n\nWritten by `benchmarks/bench.py`; every ratio compares numbers measured in one run.\n"
-    sections: dict[str, str] = {}
-    if path.exists():
-        current, body = None, []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.startswith("## "):
-                if current:
-                    sections[current] = "\n".join(body).strip()
-                current, body = line[3:].strip(), []
-            elif current:
-                body.append(line)
-        if current:
-            sections[current] = "\n".join(body).strip()
-    sections[label] = f"_{time.strftime('%Y-%m-%d')}_\n\n{report}"
-    text = header + "".join(f"\n## {name}\n\n{body}\n" for name, body in sections.items())
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -244,7 +244,15 @@ class SpeechApi:
         return web.json_response(listing.to_json())
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "version": __version__, "active_requests": self.requests.backend.active_jobs})
+        return web.json_response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "active_requests": self.requests.backend.active_jobs,
+                "voices": len(self.requests.catalog.voices),
+                "asyncio_tasks": len(asyncio.all_tasks()),  # a leak shows here first
+            }
+        )
 
 
 def create_app(api: SpeechApi) -> web.Application:
