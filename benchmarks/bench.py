@@ -72,14 +72,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class WithoutEndOfSpeech(torch.nn.Module):
+    """A codec head whose end-of-speech logit is pushed far down."""
+
+    def __init__(self, head: torch.nn.Module, eos_id: int) -> None:
+        super().__init__()
+        self.head = head
+        self.eos_id = eos_id
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).clone()
+        logits[..., self.eos_id] -= 1e4
+        return logits
+
+
 def silence_end_of_speech(engine: SpeechEngine) -> None:
     """Random weights stop at random: make every utterance run to the frame cap."""
     for runtime in engine.runtimes.values():
         talker = runtime.wrapper.model.talker
-        head = talker.codec_head
-        bias = torch.zeros(head.out_features, device=head.weight.device, dtype=head.weight.dtype)
-        bias[runtime.wrapper.model.config.talker_config.codec_eos_token_id] = -1e4
-        head.bias = torch.nn.Parameter(bias, requires_grad=False)
+        if not isinstance(talker.codec_head, WithoutEndOfSpeech):
+            talker.codec_head = WithoutEndOfSpeech(talker.codec_head, runtime.wrapper.model.config.talker_config.codec_eos_token_id)
 
 
 class ServerThread:
@@ -173,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action="store_true", help="run our engine with --compile")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads for both paths (0 = all cores but one)")
+    parser.add_argument("--quantize", default="none", help="weights of both paths (none, int8, int4; see quantize_speed.py for the comparison)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads)
+    load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize)
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     rss_before = rss_mib()
     engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop))

@@ -38,7 +38,10 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello there.", "The kitchen lights are on.", "It is twenty one degrees inside. Shall I close the windows?"]
-OP_TIMEOUT = 60.0  # a request still running after this is a hang
+# A request that gets nothing for STALL seconds hangs; one that is still running after OP_TIMEOUT
+# (slow, but moving: many streams share one model on 2 cores) is cut off as a hang too.
+STALL = 30.0
+OP_TIMEOUT = 300.0
 MAX_OPS = 100_000  # bound on the whole run, whatever the duration
 
 
@@ -103,6 +106,10 @@ class Server:
         }
 
 
+class Stalled(Exception):
+    """The server sent nothing for STALL seconds."""
+
+
 @dataclass
 class Outcome:
     kind: str
@@ -126,7 +133,10 @@ class Mix:
     async def _until(self, client: AsyncTcpClient, last: str) -> list:
         events = []
         while True:
-            event = await client.read_event()
+            try:
+                event = await asyncio.wait_for(client.read_event(), STALL)
+            except asyncio.TimeoutError:
+                raise Stalled(f"nothing for {STALL:.0f} s after {[e.type for e in events][-2:]}") from None
             if event is None:
                 return events
             events.append(event)
@@ -184,7 +194,8 @@ class Mix:
         if response_format == "wav":
             body["stream_format"] = "audio"
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{self.http_url}/v1/audio/speech", json=body) as response:
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=STALL)
+            async with session.post(f"{self.http_url}/v1/audio/speech", json=body, timeout=timeout) as response:
                 data = await response.read()
                 if response.status == 200 and len(data) > 1000:
                     return "ok", ""
@@ -218,7 +229,9 @@ async def run_op(mix: Mix, kind: str) -> Outcome:
     try:
         result, detail = await asyncio.wait_for(call(), OP_TIMEOUT)
     except asyncio.TimeoutError:
-        result, detail = "hang", f"no end after {OP_TIMEOUT:.0f} s"
+        result, detail = "hang", f"timed out (no end after {OP_TIMEOUT:.0f} s, or {STALL:.0f} s without data)"
+    except Stalled as err:
+        result, detail = "hang", str(err)
     except (OSError, aiohttp.ClientError) as err:
         result, detail = "expected-error", f"{type(err).__name__}: {err}"[:80]
     return Outcome(kind, result, started, time.monotonic(), detail)

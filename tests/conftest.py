@@ -27,7 +27,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def cpu_placement():
-    return resolve_placement(LoadOptions(device="cpu"))
+    return resolve_placement(LoadOptions(device="cpu", quantize="none"))
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,7 @@ def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
         "--voices-dir", "/share/qwen3tts",
         "--device", "auto",
         "--dtype", "auto",
+        "--quantize", "auto",
         "--log-level", "info",
         "--stream-text-by", "words",
     ]
@@ -183,6 +184,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
         "clone_model": "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
         "device": "cuda",
         "dtype": "bfloat16",
+        "quantize": "int4",
         "default_voice": "Grandma",
         "streaming": False,
         "stream_text_by": "sentences",
@@ -213,7 +215,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     assert settings.engine.model == "/share/qwen3tts/models/my model" and settings.engine.load.device == "cuda"
     assert settings.wyoming.zeroconf_name == "kitchen-tts" and settings.log_level == "debug"
     assert (settings.http.port, settings.http.host, settings.http.api_key) == (10201, "0.0.0.0", "s3cret key")
-    assert settings.http.clones and settings.engine.load.compile
+    assert settings.http.clones and settings.engine.load.compile and settings.engine.load.quantize == "int4"
     entries = read_voices_file(settings.voices.voices_file, settings.samples_dir)
     assert [(e.name, e.audio, e.transcript) for e in entries] == [
         ("Grandma", Path("/share/qwen3tts/grandma.wav"), "Hello dear.")

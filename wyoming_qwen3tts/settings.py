@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .engine.options import ATTENTIONS, DEFAULT_CLONE_MODEL, DEVICES, DTYPES, ChunkSchedule, EngineOptions, LoadOptions
+from .engine.options import ATTENTIONS, DEFAULT_CLONE_MODEL, DEVICES, DTYPES, QUANTIZE, ChunkSchedule, EngineOptions, LoadOptions
 from .http_api.app import HttpApiOptions
 from .remote.engine import RemoteOptions
 from .request import STREAM_TEXT_BY, RequestLayerOptions
@@ -115,6 +115,7 @@ def from_namespace(args: argparse.Namespace) -> Settings:
                 text_embedding_on_cpu=args.text_embedding_on_cpu,
                 compile=args.compile,
                 threads=args.threads,
+                quantize=args.quantize,
             ),
             chunks=ChunkSchedule.starting_with(args.first_chunk_frames),
         ),
@@ -178,6 +179,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "keep the text embedding (311 M parameters at 0.6B) in CPU memory: frees about 0.6 GB of GPU memory per model",
     )
     option("--threads", load.threads, type=int, help="PyTorch CPU threads (0 = all cores but one)")
+    option(
+        "--quantize",
+        load.quantize,
+        choices=QUANTIZE,
+        help="talker and code predictor weights: int8 or int4 read fewer bytes per frame on a CPU; auto = int8 on a CPU, none on a GPU",
+    )
     switch(
         "--compile",
         "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes a minute at start-up, falls back to uncompiled on failure",

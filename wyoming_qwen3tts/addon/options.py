@@ -43,6 +43,7 @@ def _model(options: dict[str, Any], choice_key: str, custom_key: str) -> str:
 OPTION_FLAGS = (
     ("device", "--device", "value"),
     ("dtype", "--dtype", "value"),
+    ("quantize", "--quantize", "value"),
     ("log_level", "--log-level", "value"),
     ("default_voice", "--voice", "value"),
     ("compile", "--compile", "switch"),

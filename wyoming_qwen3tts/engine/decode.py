@@ -17,10 +17,13 @@ decode of all frames at once (up to float rounding), so chunk boundaries cannot 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from .timings import StageTimings
 
 if TYPE_CHECKING:
     from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Decoder
@@ -47,6 +50,7 @@ class StreamingCodecDecoder:
 
         self.decoder = decoder
         self._active: DecoderState | None = None
+        self.timings = StageTimings()  # seconds spent decoding, for benchmarks and monitoring
         for module in decoder.modules():
             if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
                 if module.stride != 1:
@@ -69,6 +73,7 @@ class StreamingCodecDecoder:
         """Waveform (float32, [frames * 1920]) for ``codes`` ([frames, 16]) continuing ``state``."""
         if codes.shape[0] == 0:
             return torch.zeros(0)
+        started = time.perf_counter()
         self._active = state
         try:
             with torch.inference_mode():
@@ -76,7 +81,9 @@ class StreamingCodecDecoder:
         finally:
             self._active = None
         state.frames += codes.shape[0]
-        return wav.reshape(-1).float()
+        wav = wav.reshape(-1).float()
+        self.timings.add("codec", time.perf_counter() - started, codes.shape[0])
+        return wav
 
     # Causal convolution: prepend the previous chunk's tail, drop the outputs made for it.
 

@@ -11,6 +11,7 @@ yields.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from .layers import DecoderStack
 from .options import MIN_FRAMES
 from .predictor import CodePredictorLoop, PredictorSampling
 from .prompt import TalkerPrompt
+from .timings import StageTimings
 from .sampling import SamplingOptions, apply_repetition_penalty, choose
 
 if TYPE_CHECKING:
@@ -120,6 +122,7 @@ class FrameGenerator:
         # The rotary module only reads the dtype and device of its first argument.
         self._probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         self.frames_generated = 0  # every frame since load, all utterances: for monitoring and tests
+        self.timings = StageTimings()  # seconds in the talker and the code predictor
 
     def warm_up(self, sampling: SamplingOptions) -> None:
         """Compile the code predictor for the checkpoint's default sampling, if compiling."""
@@ -191,7 +194,9 @@ class FrameGenerator:
             if int(code0.item()) == self.eos_id:
                 state.finish_reason = "eos"
                 return None
+            started = time.perf_counter()
             rest = self.predictor.codes(state.last_hidden, code0, state.predictor_sampling, state.generator)
+            self.timings.add("predictor", time.perf_counter() - started)
             frame = torch.cat((code0, rest))
             state.frames += 1
             self.frames_generated += 1
@@ -202,11 +207,23 @@ class FrameGenerator:
             self._advance_talker(state)
         return frame
 
+    def force(self, state: GenerationState, frame: torch.Tensor) -> None:
+        """Feed ``frame`` [16] to the talker as if it had been generated (teacher forcing).
+
+        For measuring a model against another on the same history (quantization quality).
+        """
+        with torch.inference_mode():
+            state.pending = frame
+            state.frames += 1
+            if not self._advance_talker(state):
+                raise ValueError("teacher forcing needs the whole text up front")
+
     def _advance_talker(self, state: GenerationState) -> bool:
         """Feed the last frame (and its text) to the talker; False while the text is missing."""
         text = state.prompt.text_track.at(state.frames - 1)
         if text is None:
             return False
+        started = time.perf_counter()
         frame = state.pending
         embeds = torch.cat(
             [embedding(frame[i : i + 1]).unsqueeze(1) for i, embedding in enumerate(self.code_embeddings)], dim=1
@@ -214,6 +231,7 @@ class FrameGenerator:
         state.last_hidden = self._talker_forward(state, embeds + text)
         state.next_code0 = self._choose_code0(state, state.last_hidden, generated=state.frames)
         state.pending = None
+        self.timings.add("talker", time.perf_counter() - started)
         return True
 
     def cancel(self, state: GenerationState) -> None:

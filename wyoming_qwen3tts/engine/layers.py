@@ -9,13 +9,16 @@ bit (tested), and they are plain enough for `torch.compile` to fuse and for CUDA
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-# A linear layer's weight and bias (None without one).
-Projection = tuple[torch.Tensor, "torch.Tensor | None"]
+from .quantize import linear_of
+
+# A linear layer as a callable x -> y: float weights through F.linear, or a quantized kernel.
+Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -23,32 +26,32 @@ class LayerWeights:
     """One Qwen3 decoder layer: attention with per-head q/k norms, then a SwiGLU MLP."""
 
     input_norm: torch.Tensor
-    q: Projection
-    k: Projection
-    v: Projection
-    o: Projection
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
+    gate: Linear
+    up: Linear
+    down: Linear
 
     @classmethod
     def of(cls, layer) -> "LayerWeights":
         attn, mlp = layer.self_attn, layer.mlp
         return cls(
             input_norm=layer.input_layernorm.weight,
-            q=(attn.q_proj.weight, attn.q_proj.bias),
-            k=(attn.k_proj.weight, attn.k_proj.bias),
-            v=(attn.v_proj.weight, attn.v_proj.bias),
-            o=(attn.o_proj.weight, attn.o_proj.bias),
+            q=linear_of(attn.q_proj),
+            k=linear_of(attn.k_proj),
+            v=linear_of(attn.v_proj),
+            o=linear_of(attn.o_proj),
             q_norm=attn.q_norm.weight,
             k_norm=attn.k_norm.weight,
             post_norm=layer.post_attention_layernorm.weight,
-            gate=mlp.gate_proj.weight,
-            up=mlp.up_proj.weight,
-            down=mlp.down_proj.weight,
+            gate=linear_of(mlp.gate_proj),
+            up=linear_of(mlp.up_proj),
+            down=linear_of(mlp.down_proj),
         )
 
 
@@ -91,9 +94,9 @@ class DecoderStack:
         batch, length, _ = hidden.shape
         heads_shape = (batch, length, -1, self.head_dim)
         x = rms_norm(hidden, w.input_norm, self.eps)
-        q = rms_norm(F.linear(x, *w.q).view(heads_shape), w.q_norm, self.eps).transpose(1, 2)
-        k = rms_norm(F.linear(x, *w.k).view(heads_shape), w.k_norm, self.eps).transpose(1, 2)
-        v = F.linear(x, *w.v).view(heads_shape).transpose(1, 2)
+        q = rms_norm(w.q(x).view(heads_shape), w.q_norm, self.eps).transpose(1, 2)
+        k = rms_norm(w.k(x).view(heads_shape), w.k_norm, self.eps).transpose(1, 2)
+        v = w.v(x).view(heads_shape).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.update(k, v, index)
@@ -102,9 +105,9 @@ class DecoderStack:
             q, keys, values, is_causal=length > 1, scale=self.scaling, enable_gqa=True
         )
         attended = attended.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
-        hidden = hidden + F.linear(attended, *w.o)
+        hidden = hidden + w.o(attended)
         x = rms_norm(hidden, w.post_norm, self.eps)
-        return hidden + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+        return hidden + w.down(F.silu(w.gate(x)) * w.up(x))
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from ..speech import BackendUnavailableError
 from .options import LoadOptions
+from .quantize import QuantizedLinear, quantize_talker, resolve_mode
 from .qwen_import import import_qwen_tts
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Placement:
     dtype: torch.dtype
     attention: str
     threads: int
+    quantize: str = "none"  # the weights' mode, resolved for this machine
 
 
 def resolve_placement(options: LoadOptions) -> Placement:
@@ -72,7 +74,7 @@ def resolve_placement(options: LoadOptions) -> Placement:
     if not threads:
         compute_bound = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         threads = _usable_cores() if compute_bound else max(1, _usable_cores() - 1)
-    return Placement(device=device, dtype=dtype, attention=attention, threads=threads)
+    return Placement(device=device, dtype=dtype, attention=attention, threads=threads, quantize=resolve_mode(options.quantize, device))
 
 
 def _usable_cores() -> int:
@@ -198,6 +200,7 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
         # CPUs have no fast reduced-precision convolutions: keep the codec in float32.
         codec.to(torch.float32)
     codec.eval()
+    quantize_talker(wrapper.model, placement.quantize)
     if text_embedding_on_cpu:
         freed = keep_text_embedding_on_cpu(wrapper)
         _LOGGER.info("Text embedding kept in CPU memory (%.0f MiB freed on %s)", freed / 2**20, placement.device)
@@ -207,4 +210,6 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """Bytes of weights: parameters, and the quantized weights that replaced some of them."""
+    quantized = sum(m.weights.nbytes for m in module.modules() if isinstance(m, QuantizedLinear))
+    return quantized + sum(p.numel() * p.element_size() for p in module.parameters())

@@ -13,6 +13,7 @@ DEFAULT_CLONE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+QUANTIZE = ("auto", "none", "int8", "int4")
 
 # The package's talker may not stop before its second frame (`min_new_tokens=2`).
 MIN_FRAMES = 2
@@ -36,8 +37,13 @@ class LoadOptions:
     # core slows the event loop that streams the audio: all cores but one. A 16-bit model on CPU
     # is bound by arithmetic instead: all cores (both measured in BENCHMARKS.md).
     threads: int = 0
+    # Weights of the talker and the code predictor: "int8" or "int4" on a CPU read fewer bytes
+    # per frame (a frame there is bound by reading weights); "auto": int8 on a CPU, none on a GPU.
+    quantize: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (automatic) or more, not {self.threads}")
         if self.device.split(":")[0] not in DEVICES:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import DecoderStack, GrowingKVCache
+from .quantize import QuantizedLinear, linear_of
 from .sampling import SamplingOptions, choose_with_noise
 
 _LOGGER = logging.getLogger(__name__)
@@ -50,14 +51,18 @@ class CodePredictorLoop:
         self.project = predictor.small_to_mtp_projection
         self.code0_table = code0_embedding.weight
         self.tables = tuple(embedding.weight for embedding in predictor.model.codec_embedding)
-        self.heads = tuple((head.weight, head.bias) for head in predictor.lm_head)
+        self.heads = tuple(linear_of(head) for head in predictor.lm_head)
         self.steps = groups - 1
-        self.vocab = self.heads[0][0].shape[0]
-        device, dtype = self.code0_table.device, self.heads[0][0].dtype
+        self.vocab = predictor.lm_head[0].out_features
+        device, dtype = self.code0_table.device, self.code0_table.dtype
         positions = torch.arange(groups, device=device).unsqueeze(0)
         # Positions restart at 0 every frame: one rotary table serves all frames.
         cos, sin = predictor.model.rotary_emb(torch.zeros(1, device=device, dtype=dtype), positions)
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if compile and any(isinstance(m, QuantizedLinear) for m in predictor.modules()):
+            # Dynamo cannot trace fbgemm's packed weights; the quantized kernels are fast as they are.
+            _LOGGER.info("--compile does not apply to quantized weights: the code predictor runs their kernels directly")
+            compile = False
         self.compile = compile
         self._compiled: dict[PredictorSampling, object] = {}
         self.compiled_frames = 0  # frames whose codebooks 1-15 came from a compiled loop
@@ -150,7 +155,7 @@ class CodePredictorLoop:
             end = cache.length + embeds.shape[1]
             cos, sin = self.cos[:, :, cache.length : end], self.sin[:, :, cache.length : end]
             hidden = self.stack.forward(self.project(embeds), cos, sin, cache)
-            logits = F.linear(hidden[:, -1], *self.heads[step]).float()
+            logits = self.heads[step](hidden[:, -1]).float()
             step_noise = None if noise is None else noise[step : step + 1]
             codes.append(
                 choose_with_noise(logits, step_noise, sampling.temperature, sampling.top_k, sampling.top_p)

@@ -179,10 +179,10 @@ class SpeechApi:
     async def _send_stream(self, request, ask: SpeechAsk, first: AudioChunk | None, chunks) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[ask.response_format]})
         response.enable_chunked_encoding()
-        await response.prepare(request)
-        if ask.response_format == "wav":
-            await response.write(streaming_wav_header())
         try:
+            await response.prepare(request)
+            if ask.response_format == "wav":
+                await response.write(streaming_wav_header())
             if first is not None:
                 await response.write(first.pcm)
                 async for chunk in chunks:
@@ -199,7 +199,10 @@ class SpeechApi:
 
     async def _send_sse(self, request, ask: SpeechAsk, first: AudioChunk | None, chunks) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return self._client_left(request, response)
         frames = 0
         header = streaming_wav_header() if ask.response_format == "wav" else b""
 

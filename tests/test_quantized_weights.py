@@ -1,0 +1,149 @@
+"""8-bit and 4-bit weights: close to the float layers, deterministic, and spoken through Wyoming."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from wyoming.tts import Synthesize, SynthesizeVoice
+
+from helpers import ServerThread, is_one_audio_cycle, read_until
+
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.generate import FrameGenerator
+from wyoming_qwen3tts.engine.loader import load_model, parameter_bytes, resolve_placement
+from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.prompt import build_prompt
+from wyoming_qwen3tts.engine.quantize import KERNELS, QuantizedLinear, resolve_mode
+from wyoming_qwen3tts.request import RequestLayerOptions
+from wyoming_qwen3tts.settings import Settings
+from wyoming_qwen3tts.speech import PresetSpeaker, RequestOptions, SamplingOptions
+
+# What a wrong scale or packing gives is about 0 dB.
+MIN_SNR_DB = {"int8": 30.0, "int4": 15.0}
+
+
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float(10 * torch.log10(reference.pow(2).sum() / (other - reference).pow(2).sum()))
+
+
+@pytest.fixture(scope="module")
+def layer_inputs(custom_voice_model):
+    """Each float linear layer of the tiny talker with the inputs it got in a stock generation."""
+    recorded, handles = {}, []
+    for name, module in custom_voice_model.model.talker.named_modules():
+        if type(module) is torch.nn.Linear:
+            recorded[name] = (module, [])
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: recorded[name][1].append(args[0].reshape(-1, args[0].shape[-1]).clone())))
+    try:
+        custom_voice_model.generate_custom_voice("Turn off the lights.", speaker="ryan", language="english", max_new_tokens=4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (module, torch.cat(inputs)) for name, (module, inputs) in recorded.items() if inputs}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_quantized_layer_is_close_to_its_float_layer(layer_inputs, mode):
+    checked = 0
+    with torch.inference_mode():
+        for name, (module, x) in layer_inputs.items():
+            try:
+                weights = KERNELS[mode](module.weight, module.bias)
+            except ValueError:  # int4 groups that do not divide a tiny layer
+                continue
+            for rows in (x[:1], x):  # one row (a frame step) and several (a prompt)
+                snr = snr_db(F.linear(rows, module.weight, module.bias), weights(rows))
+                assert snr >= MIN_SNR_DB[mode], f"{name}: {snr:.1f} dB on {rows.shape[0]} rows"
+            checked += 1
+    assert checked >= 20
+
+
+def test_a_wrong_scale_is_caught_by_the_snr_bound(layer_inputs):
+    module, x = next(iter(layer_inputs.values()))
+    weights = KERNELS["int8"](module.weight * 3, module.bias)  # as if the scales were off
+    assert snr_db(F.linear(x, module.weight, module.bias), weights(x)) < 10
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_loading_quantizes_every_talker_and_predictor_linear_and_greedy_runs_repeat(checkpoints, custom_voice_model, mode):
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize=mode)))
+    talker = wrapper.model.talker
+    assert not [name for name, m in talker.named_modules() if type(m) is torch.nn.Linear]
+    linears = sum(1 for m in custom_voice_model.model.talker.modules() if type(m) is torch.nn.Linear)
+    assert sum(1 for m in talker.modules() if isinstance(m, QuantizedLinear)) == linears
+    assert isinstance(talker.codec_head, QuantizedLinear) and all(isinstance(h, QuantizedLinear) for h in talker.code_predictor.lm_head)
+    codec = wrapper.model.speech_tokenizer.model
+    assert not any(isinstance(m, QuantizedLinear) for m in codec.modules()), "the codec stays as it is"
+    assert any(type(m) is torch.nn.Embedding for m in talker.modules()), "embeddings stay as they are"
+    prompt = build_prompt(wrapper, "It is twenty one degrees inside.", PresetSpeaker("ryan"), "english", non_streaming_mode=True)
+
+    def greedy_codes():
+        generator = FrameGenerator(wrapper.model)
+        state = generator.start(prompt, SamplingOptions().greedy(), 20)
+        return torch.stack([frame for frame in iter(lambda: generator.step(state), None)])
+
+    first, second = greedy_codes(), greedy_codes()
+    assert first.shape == (20, 16) and torch.equal(first, second)
+
+
+def test_quantized_weights_take_less_memory(checkpoints):
+    sizes = {
+        mode: parameter_bytes(load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize=mode))).model.talker)
+        for mode in ("none", "int8", "int4")
+    }
+    assert sizes["int4"] < sizes["int8"] < sizes["none"]
+
+
+def test_auto_is_int8_on_a_cpu_and_a_missing_kernel_falls_back_with_one_line(monkeypatch, caplog):
+    assert resolve_mode("auto", torch.device("cpu")) == "int8"
+    assert resolve_mode("auto", torch.device("cuda")) == "none"
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("not built for this CPU")
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", no_kernel)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("int4", torch.device("cpu")) == "int8"
+    assert "No int4 kernel on this machine" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+async def test_a_quantized_engine_streams_speech_through_wyoming(checkpoints, tmp_path, mode):
+    engine = SpeechEngine.load(
+        EngineOptions(
+            model=str(checkpoints["custom_voice"]),
+            load=LoadOptions(device="cpu", quantize=mode),
+            stop=StopRules(base_frames=8, frames_per_token=0, max_frames=8),
+            data_dir=tmp_path,
+        )
+    )
+    server = ServerThread(Settings(requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy()))), engine)
+    try:
+        async with server.client() as client:
+            await client.write_event(Synthesize(text="Good morning.", voice=SynthesizeVoice(name="Ryan")).event())
+            cycle = await read_until(client, "audio-stop", timeout=60)
+    finally:
+        server.stop()
+        engine.close()
+    assert is_one_audio_cycle(cycle.types) and len(cycle.audio) == 8 * 1920 * 2
+    assert max(abs(int.from_bytes(cycle.audio[i : i + 2], "little", signed=True)) for i in range(0, len(cycle.audio), 2)) > 100
+
+
+def test_compile_leaves_quantized_weights_to_their_kernels_with_the_same_codes(checkpoints, caplog):
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int8")))
+    sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
+    prompt = build_prompt(wrapper, "Good night.", PresetSpeaker("aiden"), "english", non_streaming_mode=True)
+
+    def seeded_codes(generator):
+        state = generator.start(prompt, sampling.with_seed(11), 12)
+        return torch.stack([frame for frame in iter(lambda: generator.step(state), None)])
+
+    with caplog.at_level(logging.INFO):
+        compiled = FrameGenerator(wrapper.model, compile=True)
+        compiled.warm_up(sampling)
+    assert not compiled.predictor.compile and "does not apply to quantized weights" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert torch.equal(seeded_codes(compiled), seeded_codes(FrameGenerator(wrapper.model)))
