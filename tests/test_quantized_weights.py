@@ -26,6 +26,7 @@ MIN_SNR_DB = {"int8": 30.0, "int4": 15.0}
 
 
 def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    reference, other = reference.detach(), other.detach()
     return float(10 * torch.log10(reference.pow(2).sum() / (other - reference).pow(2).sum()))
 
 
