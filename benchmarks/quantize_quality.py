@@ -27,11 +27,13 @@ from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.layers import GrowingKVCache
 from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import LoadOptions
+from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.quantize import KERNELS, QuantizedLinear
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 TEXT = "Good evening, the living room lights are dimmed and the front door is locked."
+GREEDY_PREDICTOR = PredictorSampling.of(SamplingOptions().greedy())
 CALLS_PER_LAYER = 6  # recorded inputs per layer (the predictor's layers run 15 times a frame)
 
 
@@ -113,19 +115,13 @@ def teacher_forced(wrapper, codes: torch.Tensor | None, frames: int) -> tuple[to
             code0 = logits0.argmax().view(1) if codes is None else codes[t, :1]
             frame = codes[t] if codes is not None else None
             if frame is None:
-                rest_codes = generator.predictor.codes(state.last_hidden, code0, _greedy_predictor(), None)
+                rest_codes = generator.predictor.codes(state.last_hidden, code0, GREEDY_PREDICTOR, None)
                 frame = torch.cat((code0, rest_codes))
             first.append(logits0)
             rest.append(predictor_logits(generator.predictor, state.last_hidden, frame))
             fed.append(frame)
             generator.force(state, frame)
     return torch.stack(first), torch.stack(rest), torch.stack(fed)
-
-
-def _greedy_predictor():
-    from wyoming_qwen3tts.engine.predictor import PredictorSampling
-
-    return PredictorSampling.of(SamplingOptions().greedy())
 
 
 def compare(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[float, float]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -150,15 +149,6 @@ def resolve_mode(requested: str, device: torch.device) -> str:
     return "none"
 
 
-@dataclass(frozen=True)
-class QuantizeReport:
-    mode: str
-    layers: int = 0
-    float_bytes: int = 0
-    quantized_bytes: int = 0
-    kernel: str = ""
-
-
 def release_freed_memory() -> None:
     """Hand the float weights' freed pages back to the system (glibc keeps them otherwise)."""
     try:
@@ -167,10 +157,10 @@ def release_freed_memory() -> None:
         pass
 
 
-def quantize_talker(model: torch.nn.Module, mode: str) -> QuantizeReport:
+def quantize_talker(model: torch.nn.Module, mode: str) -> None:
     """Replace every linear layer of ``model.talker`` (code predictor included) in place."""
     if mode == "none":
-        return QuantizeReport(mode)
+        return
     kernel = KERNELS[mode]
     layers = float_bytes = quantized_bytes = 0
     with torch.no_grad():
@@ -187,7 +177,6 @@ def quantize_talker(model: torch.nn.Module, mode: str) -> QuantizeReport:
                 float_bytes += child.weight.numel() * child.weight.element_size()
                 quantized_bytes += weights.nbytes
     release_freed_memory()
-    report = QuantizeReport(mode, layers, float_bytes, quantized_bytes, kernel.kernel)
     _LOGGER.info(
         "Quantized %d linear layers to %s with %s: %.0f MiB of weights instead of %.0f MiB",
         layers,
@@ -196,4 +185,3 @@ def quantize_talker(model: torch.nn.Module, mode: str) -> QuantizeReport:
         quantized_bytes / 2**20,
         float_bytes / 2**20,
     )
-    return report
