@@ -10,7 +10,10 @@ exactly --frames frames long (125 frames = 10 s of audio).
 Measured in one run, on one machine:
 * stock: `Qwen3TTSModel.generate_custom_voice` total time and frames per second;
 * ours, through the Wyoming server over TCP: time from the `synthesize` event to the first
-  PCM chunk, frames per second and real-time factor, at each concurrency;
+  PCM chunk, frames per second and real-time factor; at each concurrency the aggregate frames
+  per second of all streams (they share batched steps) against one stream's, each stream's
+  real-time factor and first audio (with `--unbatched`, the same again one row per step);
+* the first audio of a request that arrives while three others stream, against an idle server;
 * memory after loading (RSS, and CUDA memory on a GPU).
 Prints a table and writes BENCHMARKS.md (or --output).
 """
@@ -54,10 +57,28 @@ class StreamResult:
     first_audio: float  # seconds from synthesize to the first audio chunk
     total: float
     audio_seconds: float
+    started: float = 0.0  # perf_counter at the synthesize event
+    ended: float = 0.0
 
     @property
     def frames_per_second(self) -> float:
         return self.audio_seconds / FRAME_SECONDS / self.total
+
+
+@dataclass
+class BurstResult:
+    """Several streams started together."""
+
+    streams: list[StreamResult]
+
+    @property
+    def aggregate_frames_per_second(self) -> float:
+        wall = max(r.ended for r in self.streams) - min(r.started for r in self.streams)
+        return sum(r.audio_seconds for r in self.streams) / FRAME_SECONDS / wall
+
+    @property
+    def wall(self) -> float:
+        return max(r.ended for r in self.streams) - min(r.started for r in self.streams)
 
 
 def rss_mib() -> float:
@@ -121,7 +142,7 @@ class ServerThread:
         self.thread.join(10)
 
 
-async def one_stream(port: int, voice: str) -> StreamResult:
+async def one_stream(port: int, voice: str, first_audio: asyncio.Event | None = None) -> StreamResult:
     from wyoming.audio import AudioChunk
     from wyoming.client import AsyncTcpClient
     from wyoming.tts import Synthesize, SynthesizeVoice
@@ -135,16 +156,33 @@ async def one_stream(port: int, voice: str) -> StreamResult:
             if event is None or event.type == "error":
                 raise RuntimeError(f"synthesis failed: {event}")
             if AudioChunk.is_type(event.type):
-                first = first or time.perf_counter() - started
+                if first is None:
+                    first = time.perf_counter() - started
+                    if first_audio is not None:
+                        first_audio.set()
                 samples += len(event.payload) // 2
             if event.type == "audio-stop":
                 break
-        return StreamResult(first_audio=first, total=time.perf_counter() - started, audio_seconds=samples / 24000)
+        ended = time.perf_counter()
+        return StreamResult(first_audio=first, total=ended - started, audio_seconds=samples / 24000, started=started, ended=ended)
 
 
-async def concurrent_streams(port: int, count: int) -> list[StreamResult]:
-    voices = ["Ryan", "Vivian", "Aiden", "Serena", "Sohee", "Eric", "Dylan", "Uncle_Fu"]
-    return await asyncio.gather(*(one_stream(port, voices[i % len(voices)]) for i in range(count)))
+VOICES = ["Ryan", "Vivian", "Aiden", "Serena", "Sohee", "Eric", "Dylan", "Uncle_Fu"]
+
+
+async def concurrent_streams(port: int, count: int) -> BurstResult:
+    return BurstResult(list(await asyncio.gather(*(one_stream(port, VOICES[i % len(VOICES)]) for i in range(count)))))
+
+
+async def newcomer_first_audio(port: int, running: int = 3) -> float:
+    """First audio of a request that arrives once ``running`` others stream."""
+    started = [asyncio.Event() for _ in range(running)]
+    others = [asyncio.create_task(one_stream(port, VOICES[i], started[i])) for i in range(running)]
+    for event in started:
+        await event.wait()
+    newcomer = await one_stream(port, VOICES[running])
+    await asyncio.gather(*others)
+    return newcomer.first_audio
 
 
 def stock_run(engine: SpeechEngine, frames: int) -> tuple[float, float]:
@@ -187,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads for both paths (0 = all cores but one)")
     parser.add_argument("--quantize", default="none", help="weights of both paths (none, int8, int4; see quantize_speed.py for the comparison)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
+    parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
+    parser.add_argument("--unbatched", action="store_true", help="also measure each concurrency with one row per step")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock path (and the cost-of-one-more-frame figures)")
     parser.add_argument("--output", default="BENCHMARKS.md")
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -194,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize)
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     rss_before = rss_mib()
-    engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop))
+    engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop, max_batch=args.max_batch))
     runtime = engine.runtimes["custom_voice"]
     device = runtime.wrapper.device
     memory = {"custom_voice_weights_mib": parameter_bytes(runtime.wrapper.model) / 2**20, "rss_custom_voice_mib": rss_mib() - rss_before}
@@ -203,32 +244,41 @@ def main(argv: list[str] | None = None) -> int:
     silence_end_of_speech(engine)
 
     # Warm up both paths (first calls allocate and load kernels).
-    stock_run(engine, 2)
+    if not args.no_stock:
+        stock_run(engine, 2)
     port = _free_port()
     settings = Settings(wyoming=WyomingOptions(uri=f"tcp://127.0.0.1:{port}"))
     server = ServerThread(engine, settings)
     asyncio.run(one_stream(port, "Ryan"))
 
-    stock_seconds, stock_fps = min((stock_run(engine, args.frames) for _ in range(args.repeats)), key=lambda r: r[0])
-    # Marginal cost of one more frame: the difference between a long and a short utterance.
-    short = max(2, args.frames // 5)
-    stock_short = min(stock_run(engine, short)[0] for _ in range(args.repeats))
-    ours_long = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
-    server.engine.options = replace(server.engine.options, stop=replace(stop, base_frames=short, max_frames=short))
-    ours_short = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
-    server.engine.options = replace(server.engine.options, stop=stop)
-    per_frame = {
-        "stock": (stock_seconds - stock_short) / (args.frames - short),
-        "ours": (ours_long - ours_short) / (args.frames - short),
-    }
+    stock = per_frame = None
+    if not args.no_stock:
+        stock = min((stock_run(engine, args.frames) for _ in range(args.repeats)), key=lambda r: r[0])
+        # Marginal cost of one more frame: the difference between a long and a short utterance.
+        short = max(2, args.frames // 5)
+        stock_short = min(stock_run(engine, short)[0] for _ in range(args.repeats))
+        ours_long = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+        server.engine.options = replace(server.engine.options, stop=replace(stop, base_frames=short, max_frames=short))
+        ours_short = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+        server.engine.options = replace(server.engine.options, stop=stop)
+        per_frame = {
+            "stock": (stock[0] - stock_short) / (args.frames - short),
+            "ours": (ours_long - ours_short) / (args.frames - short),
+        }
+    batched = engine.worker.max_batch
     rows = []
-    for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
-        best = None
-        for _ in range(args.repeats):
-            results = asyncio.run(concurrent_streams(port, count))
-            if best is None or max(r.total for r in results) < max(r.total for r in best):
-                best = results
-        rows.append((count, best))
+    for max_batch in ([batched, 1] if args.unbatched and batched > 1 else [batched]):
+        engine.worker.max_batch = max_batch
+        for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
+            burst = max(
+                (asyncio.run(concurrent_streams(port, count)) for _ in range(args.repeats)),
+                key=lambda b: b.aggregate_frames_per_second,
+            )
+            rows.append((max_batch, count, burst))
+    engine.worker.max_batch = batched
+    idle = min(asyncio.run(one_stream(port, "Ryan")).first_audio for _ in range(args.repeats))
+    busy = min(asyncio.run(newcomer_first_audio(port)) for _ in range(args.repeats))
+    newcomer = {"idle": idle, "busy": busy}
     server.stop()
 
     if args.base:
@@ -244,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     engine.close()
 
-    report = render(args, device, stock_seconds, stock_fps, rows, memory, per_frame)
+    report = render(args, device, stock, rows, newcomer, memory, per_frame)
     print(report)
     write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
     return 0
@@ -258,35 +308,53 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render(args, device, stock_seconds, stock_fps, rows, memory, per_frame) -> str:
-    single = rows[0][1][0] if rows and rows[0][0] == 1 else None
+def render(args, device, stock, rows, newcomer, memory, per_frame) -> str:
     lines = [
         f"- machine: {machine()}",
-        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, checkpoint `{Path(args.checkpoint).name}`, "
-        f"our code predictor {'compiled' if args.compile else 'uncompiled'}, {torch.get_num_threads()} threads",
-        f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off",
+        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
+        f"`{Path(args.checkpoint).name}`, our code predictor {'compiled' if args.compile else 'uncompiled'}, "
+        f"{torch.get_num_threads()} threads",
+        f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
+        "the checkpoint's sampling settings",
         "",
-        "| path | streams | first audio (s) | total (s) | frames/s per stream | real-time factor per stream |",
-        "|---|---|---|---|---|---|",
-        f"| stock generate_custom_voice | 1 | {stock_seconds:.3f} (all at the end) | {stock_seconds:.3f} | {stock_fps:.1f} | {stock_fps * FRAME_SECONDS:.2f} |",
+        "| path | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | real-time factor per stream |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for count, results in rows:
-        first = statistics.median(r.first_audio for r in results)
-        total = statistics.median(r.total for r in results)
-        fps = statistics.median(r.frames_per_second for r in results)
+    if stock is not None:
+        stock_seconds, stock_fps = stock
         lines.append(
-            f"| ours, Wyoming server | {count} | {first:.3f} (median) | {total:.3f} | {fps:.1f} | {fps * FRAME_SECONDS:.2f} |"
+            f"| stock generate_custom_voice | 1 | 1 | {stock_seconds:.3f} (all at the end) | {stock_seconds:.3f} | "
+            f"{stock_fps:.1f} | | {stock_fps * FRAME_SECONDS:.2f} |"
         )
-    if single is not None:
-        lines += [
-            "",
-            f"- ours vs stock, frames per second: **{single.frames_per_second / stock_fps:.2f}x**",
-            f"- our first audio / stock total time: **{single.first_audio / stock_seconds:.4f}**",
-        ]
+    single = {}
+    for max_batch, count, burst in rows:
+        streams = burst.streams
+        aggregate = burst.aggregate_frames_per_second
+        single.setdefault(max_batch, aggregate if count == 1 else None)
+        base = single[max_batch]
+        first = statistics.median(r.first_audio for r in streams)
+        rtf = statistics.median(r.frames_per_second for r in streams) * FRAME_SECONDS
+        lines.append(
+            f"| ours, Wyoming server | {max_batch} | {count} | {first:.3f} (median), {max(r.first_audio for r in streams):.3f} (max) | "
+            f"{burst.wall:.3f} | {aggregate:.1f} | {f'{aggregate / base:.2f}x' if base else ''} | {rtf:.2f} (min {min(r.frames_per_second for r in streams) * FRAME_SECONDS:.2f}) |"
+        )
+    lines.append("")
     lines.append(
-        f"- cost of one more frame: stock {per_frame['stock'] * 1000:.1f} ms, ours {per_frame['ours'] * 1000:.1f} ms "
-        f"(ours / stock **{per_frame['ours'] / per_frame['stock']:.2f}**)"
+        f"- first audio of a request arriving while 3 others stream: {newcomer['busy']:.3f} s, idle server "
+        f"{newcomer['idle']:.3f} s (**{newcomer['busy'] / newcomer['idle']:.2f}x**)"
     )
+    one = next((burst for _mb, count, burst in rows if count == 1), None)
+    if stock is not None and one is not None:
+        stream = one.streams[0]
+        lines += [
+            f"- ours vs stock, frames per second: **{stream.frames_per_second / stock[1]:.2f}x**",
+            f"- our first audio / stock total time: **{stream.first_audio / stock[0]:.4f}**",
+        ]
+    if per_frame is not None:
+        lines.append(
+            f"- cost of one more frame: stock {per_frame['stock'] * 1000:.1f} ms, ours {per_frame['ours'] * 1000:.1f} ms "
+            f"(ours / stock **{per_frame['ours'] / per_frame['stock']:.2f}**)"
+        )
     lines.append("- memory: " + ", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in memory.items()))
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from bench import machine
 from report import write_report
 
-from wyoming_qwen3tts.engine.quantize import Int4Weights, Int8Weights
+from wyoming_qwen3tts.engine.quantized_linear import Int4Weights, Int8Weights
 
 IN, OUT = 1024, 3072
 

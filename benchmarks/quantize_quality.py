@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from report import write_report
 
 from wyoming_qwen3tts.engine.generate import FrameGenerator
-from wyoming_qwen3tts.engine.layers import GrowingKVCache
+from wyoming_qwen3tts.engine.kv_cache import GrowingKVCache
 from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import LoadOptions
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine.quantize import KERNELS, QuantizedLinear
+from wyoming_qwen3tts.engine.quantized_linear import KERNELS, QuantizedLinear
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 TEXT = "Good evening, the living room lights are dimmed and the front door is locked."
@@ -106,7 +106,7 @@ def teacher_forced(wrapper, codes: torch.Tensor | None, frames: int) -> tuple[to
     generator = FrameGenerator(wrapper.model)
     greedy = SamplingOptions().greedy()
     prompt = build_prompt(wrapper, TEXT, PresetSpeaker("ryan"), "english", non_streaming_mode=True)
-    state = generator.start(prompt, greedy, frames + 1)
+    state = generator.prefill(prompt, greedy, frames + 1)
     first, rest, fed = [], [], []
     with torch.inference_mode():
         for t in range(frames):
@@ -115,8 +115,8 @@ def teacher_forced(wrapper, codes: torch.Tensor | None, frames: int) -> tuple[to
             code0 = logits0.argmax().view(1) if codes is None else codes[t, :1]
             frame = codes[t] if codes is not None else None
             if frame is None:
-                rest_codes = generator.predictor.codes(state.last_hidden, code0, GREEDY_PREDICTOR, None)
-                frame = torch.cat((code0, rest_codes))
+                rest_codes = generator.predictor.codes(state.last_hidden, code0, [GREEDY_PREDICTOR], [None])
+                frame = torch.cat((code0, rest_codes[0]))
             first.append(logits0)
             rest.append(predictor_logits(generator.predictor, state.last_hidden, frame))
             fed.append(frame)

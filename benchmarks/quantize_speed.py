@@ -25,7 +25,7 @@ from report import write_report
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
-from wyoming_qwen3tts.engine.quantize import KERNELS, QuantizedLinear
+from wyoming_qwen3tts.engine.quantized_linear import KERNELS, QuantizedLinear
 from wyoming_qwen3tts.server.app import WyomingOptions
 from wyoming_qwen3tts.settings import Settings
 

@@ -202,19 +202,19 @@ def official_seeded_codes(wrapper, text, speaker, seed):
     return official, build_prompt(wrapper, text, PresetSpeaker(speaker), "english", non_streaming_mode=True)
 
 
-def advance(utterance):
-    """One step of an utterance: its decoded chunk and that chunk's codes [frames, 16], or (None, None)."""
-    frames = utterance.advance_codes()
+def advance(runtime, utterance):
+    """One step of an utterance alone: its decoded chunk and that chunk's codes [frames, 16], or (None, None)."""
+    frames = runtime.advance(utterance)
     if frames is None:
         return None, None
-    return utterance.decode(frames), frames.codes
+    return runtime.decode(utterance, frames), frames.codes
 
 
-def drain(utterance):
+def drain(runtime, utterance):
     """Run an utterance to its end: its audio chunks and all its codes."""
     chunks, codes = [], []
     while not utterance.finished:
-        chunk, frames = advance(utterance)
+        chunk, frames = advance(runtime, utterance)
         if chunk is not None:
             chunks.append(chunk)
             codes.append(frames)

@@ -172,6 +172,7 @@ def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
         "--dtype", "auto",
         "--quantize", "auto",
         "--log-level", "info",
+        "--max-batch", "0",
         "--stream-text-by", "words",
     ]
 

@@ -13,7 +13,8 @@ import torch
 from helpers import MAX_NEW_TOKENS, TEXTS, official_greedy_codes_and_audio, official_seeded_codes
 
 from wyoming_qwen3tts.engine import predictor as predictor_module
-from wyoming_qwen3tts.engine.generate import FrameGenerator, StaticKVCache
+from wyoming_qwen3tts.engine.generate import FrameGenerator
+from wyoming_qwen3tts.engine.kv_cache import StaticKVCache
 from wyoming_qwen3tts.engine.layers import DecoderStack
 from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
 from wyoming_qwen3tts.speech import SamplingOptions
@@ -22,9 +23,9 @@ FRAMES = MAX_NEW_TOKENS - 1
 
 
 def generate(generator: FrameGenerator, prompt, sampling: SamplingOptions, frames: int = FRAMES) -> torch.Tensor:
-    state = generator.start(prompt, sampling, frames)
+    state = generator.prefill(prompt, sampling, frames)
     codes = []
-    while (frame := generator.step(state)) is not None:
+    while (frame := generator.step([state])[0]) is not None:
         codes.append(frame)
     return torch.stack(codes)
 

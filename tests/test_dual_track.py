@@ -16,7 +16,8 @@ from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import ChunkSchedule, EngineOptions, StopRules
 from wyoming_qwen3tts.engine.prompt import DualTrackPrompt
 from wyoming_qwen3tts.engine.text_feed import IncrementalTokenizer, TextFeed
-from wyoming_qwen3tts.engine.utterance import ModelRuntime, Utterance
+from wyoming_qwen3tts.engine.runtime import ModelRuntime
+from wyoming_qwen3tts.engine.utterance import Utterance
 from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
 from wyoming_qwen3tts.speech import ClonePrompt, PresetSpeaker, RequestOptions, SamplingOptions
@@ -32,19 +33,19 @@ def run_dual_track(wrapper, voice, pieces: list[str], advances_between: int = 3,
     feed = TextFeed()
     stop = StopRules(base_frames=FRAMES, frames_per_token=0, max_frames=FRAMES)
     prompt = DualTrackPrompt(wrapper, voice, "english", None)
-    utterance = Utterance(runtime, prompt, GREEDY, stop, ChunkSchedule(first_frames=1, max_frames=4), feed=feed)
+    utterance = Utterance(prompt, GREEDY, stop, ChunkSchedule(first_frames=1, max_frames=4), feed=feed)
     rng = random.Random(seed)
     codes, first_audio_after = [], None
     for index, piece in enumerate(pieces):
         feed.append(piece)
         for _ in range(rng.randint(0, advances_between)):
-            chunk, frames = advance(utterance)
+            chunk, frames = advance(runtime, utterance)
             if chunk is not None:
                 codes.append(frames)
                 first_audio_after = index if first_audio_after is None else first_audio_after
     feed.finish()
     while not utterance.finished:
-        chunk, frames = advance(utterance)
+        chunk, frames = advance(runtime, utterance)
         if chunk is not None:
             codes.append(frames)
     return torch.cat(codes), utterance, first_audio_after

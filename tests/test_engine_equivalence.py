@@ -15,14 +15,15 @@ from helpers import MAX_NEW_TOKENS, TEXTS, official_greedy_codes_and_audio, offi
 from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.options import ChunkSchedule, StopRules
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine.utterance import ModelRuntime, Utterance, fade_out
+from wyoming_qwen3tts.engine.runtime import ModelRuntime
+from wyoming_qwen3tts.engine.utterance import Utterance, fade_out
 from wyoming_qwen3tts.speech import ClonePrompt, PresetSpeaker, SamplingOptions
 
 def our_codes(wrapper, prompt, sampling, frames):
     generator = FrameGenerator(wrapper.model)
-    state = generator.start(prompt, sampling, frames)
+    state = generator.prefill(prompt, sampling, frames)
     codes = []
-    while (frame := generator.step(state)) is not None:
+    while (frame := generator.step([state])[0]) is not None:
         codes.append(frame)
     return torch.stack(codes), state.finish_reason
 
@@ -30,13 +31,13 @@ def our_codes(wrapper, prompt, sampling, frames):
 def our_streamed_audio(wrapper, prompt, frames, schedule=ChunkSchedule(first_frames=1, max_frames=4)):
     runtime = ModelRuntime.create(wrapper)
     stop = StopRules(base_frames=frames, frames_per_token=0, max_frames=frames)
-    utterance = Utterance(runtime, prompt, SamplingOptions().greedy(), stop, schedule)
+    utterance = Utterance(prompt, SamplingOptions().greedy(), stop, schedule)
     chunks, codes = [], []
     while not utterance.finished:
-        frames = utterance.advance_codes()
+        frames = runtime.advance(utterance)
         if frames is not None:
             codes.append(frames.codes.numpy())
-            chunks.append(utterance.decode(frames))
+            chunks.append(runtime.decode(utterance, frames))
     assert len(chunks) > 1, "the audio should arrive in several chunks"
     return np.concatenate([c.audio for c in chunks]), np.concatenate(codes), utterance
 

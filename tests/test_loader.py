@@ -161,9 +161,9 @@ def test_the_text_embedding_can_live_in_cpu_memory_without_changing_the_codes(ch
     def codes(wrapper):
         generator = FrameGenerator(wrapper.model)
         prompt = build_prompt(wrapper, "Good night, sleep well.", PresetSpeaker("ryan"), "english")
-        state = generator.start(prompt, SamplingOptions().greedy(), 12)
+        state = generator.prefill(prompt, SamplingOptions().greedy(), 12)
         frames = []
-        while (frame := generator.step(state)) is not None:
+        while (frame := generator.step([state])[0]) is not None:
             frames.append(frame)
         return torch.stack(frames)
 

@@ -16,7 +16,8 @@ from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.loader import load_model, parameter_bytes, resolve_placement
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine.quantize import KERNELS, QuantizedLinear, resolve_mode
+from wyoming_qwen3tts.engine.quantize import resolve_mode
+from wyoming_qwen3tts.engine.quantized_linear import KERNELS, QuantizedLinear
 from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
 from wyoming_qwen3tts.speech import PresetSpeaker, RequestOptions, SamplingOptions
@@ -83,8 +84,8 @@ def test_loading_quantizes_every_talker_and_predictor_linear_and_greedy_runs_rep
 
     def greedy_codes():
         generator = FrameGenerator(wrapper.model)
-        state = generator.start(prompt, SamplingOptions().greedy(), 20)
-        return torch.stack([frame for frame in iter(lambda: generator.step(state), None)])
+        state = generator.prefill(prompt, SamplingOptions().greedy(), 20)
+        return torch.stack([frame for frame in iter(lambda: generator.step([state])[0], None)])
 
     first, second = greedy_codes(), greedy_codes()
     assert first.shape == (20, 16) and torch.equal(first, second)
@@ -139,8 +140,8 @@ def test_compile_leaves_quantized_weights_to_their_kernels_with_the_same_codes(c
     prompt = build_prompt(wrapper, "Good night.", PresetSpeaker("aiden"), "english", non_streaming_mode=True)
 
     def seeded_codes(generator):
-        state = generator.start(prompt, sampling.with_seed(11), 12)
-        return torch.stack([frame for frame in iter(lambda: generator.step(state), None)])
+        state = generator.prefill(prompt, sampling.with_seed(11), 12)
+        return torch.stack([frame for frame in iter(lambda: generator.step([state])[0], None)])
 
     with caplog.at_level(logging.INFO):
         compiled = FrameGenerator(wrapper.model, compile=True)

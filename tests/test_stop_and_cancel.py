@@ -15,7 +15,8 @@ from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import load_model
 from wyoming_qwen3tts.engine.options import MIN_FRAMES, ChunkSchedule, EngineOptions, StopRules
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine.utterance import ModelRuntime, Utterance
+from wyoming_qwen3tts.engine.runtime import ModelRuntime
+from wyoming_qwen3tts.engine.utterance import Utterance
 from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions, SamplingOptions
 
 GREEDY = SamplingOptions().greedy()
@@ -39,8 +40,8 @@ def bias_eos(wrapper, value: float) -> None:
 def run_utterance(wrapper, text, stop, schedule=ChunkSchedule()):
     runtime = ModelRuntime.create(wrapper)
     prompt = build_prompt(wrapper, text, PresetSpeaker("ryan"), "english")
-    utterance = Utterance(runtime, prompt, GREEDY, stop, schedule)
-    chunks, codes = drain(utterance)
+    utterance = Utterance(prompt, GREEDY, stop, schedule)
+    chunks, codes = drain(runtime, utterance)
     return utterance, chunks, codes
 
 
@@ -88,15 +89,15 @@ def test_first_chunk_comes_after_at_most_two_frames(custom_voice_model, first_fr
     runtime = ModelRuntime.create(custom_voice_model)
     prompt = build_prompt(custom_voice_model, LONG_TEXT, PresetSpeaker("ryan"), "english")
     stop = StopRules(base_frames=30, frames_per_token=0, max_frames=30)
-    utterance = Utterance(runtime, prompt, GREEDY, stop, ChunkSchedule(first_frames=first_frames, max_frames=8))
+    utterance = Utterance(prompt, GREEDY, stop, ChunkSchedule(first_frames=first_frames, max_frames=8))
     chunk = None
     while chunk is None:
-        chunk = utterance.advance()
+        chunk = runtime.advance(utterance)
     assert utterance.frames == first_frames <= 2
     assert chunk.frames == first_frames and chunk.first_frame == 0
     sizes = [chunk.frames]
     while not utterance.finished:
-        if (chunk := utterance.advance()) is not None:
+        if (chunk := runtime.advance(utterance)) is not None:
             sizes.append(chunk.frames)
     assert sizes[1] > sizes[0] and max(sizes) == 8, f"later chunks grow: {sizes}"
     assert sum(sizes) == 30
@@ -145,16 +146,16 @@ async def test_abandoning_the_stream_cancels_the_job(engine):
 
 async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monkeypatch):
     runtime = engine.runtimes["custom_voice"]
-    decode = runtime.decoder.decode
+    decode = runtime.decoder.decode_batch
     decoding, release = threading.Event(), threading.Event()
 
-    def slow_first_decode(state, codes):
+    def slow_first_decode(states, codes):
         if not decoding.is_set():
             decoding.set()
             assert release.wait(10), "the test never released the decoder"
-        return decode(state, codes)
+        return decode(states, codes)
 
-    monkeypatch.setattr(runtime.decoder, "decode", slow_first_decode)
+    monkeypatch.setattr(runtime.decoder, "decode_batch", slow_first_decode)
     job = engine.start(PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))
     job.add_text(LONG_TEXT)
     job.finish()
@@ -175,16 +176,16 @@ async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monke
 
 async def test_a_failing_decode_fails_only_its_request(engine, monkeypatch, caplog):
     decoder = engine.runtimes["custom_voice"].decoder
-    decode = decoder.decode
+    decode = decoder.decode_batch
     calls = []
 
-    def broken_once(state, codes):
+    def broken_once(states, codes):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("codec exploded")
-        return decode(state, codes)
+        return decode(states, codes)
 
-    monkeypatch.setattr(decoder, "decode", broken_once)
+    monkeypatch.setattr(decoder, "decode_batch", broken_once)
     with pytest.raises(RuntimeError, match="codec exploded"):
         async for _chunk in engine.synthesize([LONG_TEXT], PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY)):
             pass

@@ -156,6 +156,13 @@ def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
     assert Settings.from_args(["--zeroconf"], {}).wyoming.zeroconf_name == "qwen3-tts"
 
 
+def test_streams_per_step_suit_the_device_unless_set():
+    automatic = Settings.from_args([], {}).engine
+    assert (automatic.batch_size("cpu"), automatic.batch_size("cuda")) == (8, 16)
+    assert Settings.from_args(["--max-batch", "3"], {}).engine.batch_size("cuda") == 3
+    assert Settings.from_args([], {"QWEN3TTS_MAX_BATCH": "2"}).engine.batch_size("cpu") == 2
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
@@ -165,6 +172,7 @@ def test_defaults_listen_on_10200_with_streaming_and_no_zeroconf():
         (["--max-text-length", "0"], {}, "at least 1 character"),
         (["--uri", "http://x:1"], {}, "must start with tcp:// or unix://"),
         (["--threads", "-1"], {}, "threads must be 0 (automatic) or more"),
+        (["--max-batch", "-2"], {}, "max_batch must be 0 (automatic) or more"),
         (["--engine", "remote"], {}, "needs at least one --remote-url"),
         (["--engine", "remote", "--remote-url", "gpu-box:8091"], {}, "must start with http://"),
     ],

@@ -118,6 +118,7 @@ def from_namespace(args: argparse.Namespace) -> Settings:
                 quantize=args.quantize,
             ),
             chunks=ChunkSchedule.starting_with(args.first_chunk_frames),
+            max_batch=args.max_batch,
         ),
         remote=remote,
         http=http,
@@ -188,6 +189,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     switch(
         "--compile",
         "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes a minute at start-up, falls back to uncompiled on failure",
+    )
+    option(
+        "--max-batch",
+        engine.max_batch,
+        type=int,
+        help="most streams that share one model step (0 = what suits the device: 8 on a CPU, 16 on a GPU)",
     )
     option("--data-dir", str(engine.data_dir), help="folder for downloaded models and caches")
     option("--voice", help="default voice when a request names none (default: the first preset speaker)")

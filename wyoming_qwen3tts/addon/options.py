@@ -47,6 +47,7 @@ OPTION_FLAGS = (
     ("log_level", "--log-level", "value"),
     ("default_voice", "--voice", "value"),
     ("compile", "--compile", "switch"),
+    ("max_batch", "--max-batch", "value"),
     ("streaming", "--no-streaming", "not-switch"),
     ("stream_text_by", "--stream-text-by", "value"),
     ("zeroconf_name", "--zeroconf", "value"),

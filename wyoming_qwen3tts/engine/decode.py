@@ -9,20 +9,30 @@ chunk by chunk if each layer keeps what it needs from the previous chunk:
   the outputs that belong to them;
 * the transformer keeps its (sliding-window) KV cache.
 
-This is done with hooks around the package's own modules, so the package's forward code runs
-unchanged; the hooks do nothing unless a stream is being decoded. Concatenated chunks equal the
-decode of all frames at once (up to float rounding), so chunk boundaries cannot click.
+This is done with hooks around the package's own convolution modules, which do nothing unless a
+stream is being decoded; the decoder's top-level forward (ten lines) is followed here step by
+step, so that each utterance's transformer runs over its own cache. Concatenated chunks equal
+the decode of all frames at once (up to float rounding), so chunk boundaries cannot click.
+
+Chunks of several utterances with the same number of frames decode together, as one batch: the
+convolutions see every row's kept samples stacked (a row's first chunk gets zeros, exactly what
+an unpadded first call computes), and a large model's widest weights are read once for all.
+For short inputs PyTorch's CPU convolutions take slow paths; the widest of the codec's
+convolutions run as plain matrix products instead (`codec_kernels.py`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from .codec_kernels import use_matmul_kernel
 from .timings import StageTimings
 
 if TYPE_CHECKING:
@@ -33,10 +43,17 @@ if TYPE_CHECKING:
 class DecoderState:
     """What the codec carries from one chunk of an utterance to the next."""
 
-    tails: dict[int, torch.Tensor] = field(default_factory=dict)  # per module: inputs kept
-    skips: dict[int, int] = field(default_factory=dict)  # per module: outputs to drop this call
+    tails: dict[int, torch.Tensor] = field(default_factory=dict)  # per module: inputs kept, [1, C, n]
     kv_cache: object | None = None
     frames: int = 0
+
+    def snapshot(self) -> "DecoderState":
+        """A copy to go back to if a decode fails half-way (tensors are replaced, never changed)."""
+        cache = self.kv_cache
+        if cache is not None:
+            cache = copy.copy(cache)
+            cache.layers = [copy.copy(layer) for layer in cache.layers]
+        return DecoderState(dict(self.tails), cache, self.frames)
 
 
 class StreamingCodecDecoder:
@@ -49,7 +66,8 @@ class StreamingCodecDecoder:
         )
 
         self.decoder = decoder
-        self._active: DecoderState | None = None
+        self._active: list[DecoderState] | None = None  # the rows being decoded
+        self._skips: dict[int, int] = {}  # per transposed convolution: outputs to drop this call
         self.timings = StageTimings()  # seconds spent decoding, for benchmarks and monitoring
         for module in decoder.modules():
             if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
@@ -57,10 +75,11 @@ class StreamingCodecDecoder:
                     raise ValueError("streaming decode supports stride-1 causal convolutions only")
                 module.register_forward_pre_hook(self._conv_before)
                 module.register_forward_hook(self._conv_after)
+                use_matmul_kernel(module.conv)
             elif isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
                 module.register_forward_pre_hook(self._transconv_before)
                 module.register_forward_hook(self._transconv_after)
-        decoder.pre_transformer.register_forward_pre_hook(self._attach_cache, with_kwargs=True)
+                use_matmul_kernel(module.conv)
 
     @property
     def device(self) -> torch.device:
@@ -71,32 +90,95 @@ class StreamingCodecDecoder:
 
     def decode(self, state: DecoderState, codes: torch.Tensor) -> torch.Tensor:
         """Waveform (float32, [frames * 1920]) for ``codes`` ([frames, 16]) continuing ``state``."""
-        if codes.shape[0] == 0:
-            return torch.zeros(0)
+        return self.decode_batch([state], [codes])[0]
+
+    def decode_batch(self, states: Sequence[DecoderState], codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's waveform for its ``codes`` (all [frames, 16], the same frames) continuing its state.
+
+        If decoding fails, every state is as it was before the call.
+        """
+        frames = codes[0].shape[0]
+        if any(c.shape[0] != frames for c in codes):
+            raise ValueError("a batch decodes chunks of one length")
+        if frames == 0:
+            return [torch.zeros(0) for _ in codes]
         started = time.perf_counter()
-        self._active = state
+        saved = [state.snapshot() for state in states]
+        self._active = list(states)
         try:
             with torch.inference_mode():
-                wav = self.decoder(codes.to(self.device).clamp(min=0).T.unsqueeze(0))
+                batch = torch.stack([c.to(self.device).clamp(min=0).T for c in codes])
+                wavs = self._forward(batch)
+        except BaseException:
+            for state, before in zip(states, saved):
+                state.tails, state.kv_cache, state.frames = before.tails, before.kv_cache, before.frames
+            raise
         finally:
             self._active = None
-        state.frames += codes.shape[0]
-        wav = wav.reshape(-1).float()
-        self.timings.add("codec", time.perf_counter() - started, codes.shape[0])
-        return wav
+        for state in states:
+            state.frames += frames
+        self.timings.add("codec", time.perf_counter() - started, frames * len(states))
+        return [wav.reshape(-1).float() for wav in wavs]
 
-    # Causal convolution: prepend the previous chunk's tail, drop the outputs made for it.
+    def _forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """`Qwen3TTSTokenizerV2Decoder.forward`, with each row's transformer over its own cache."""
+        decoder = self.decoder
+        hidden = decoder.quantizer.decode(codes)
+        hidden = decoder.pre_conv(hidden).transpose(1, 2)
+        hidden = torch.cat(
+            [
+                decoder.pre_transformer(
+                    inputs_embeds=hidden[i : i + 1], past_key_values=self._cache_of(state), use_cache=True
+                ).last_hidden_state
+                for i, state in enumerate(self._active)
+            ]
+        )
+        hidden = hidden.permute(0, 2, 1)
+        for blocks in decoder.upsample:
+            for block in blocks:
+                hidden = block(hidden)
+        wav = hidden
+        for block in decoder.decoder:
+            wav = block(wav)
+        return wav.clamp(min=-1, max=1)
+
+    def _cache_of(self, state: DecoderState):
+        if state.kv_cache is None:
+            from transformers.cache_utils import DynamicCache
+
+            state.kv_cache = DynamicCache(config=self.decoder.pre_transformer.config)
+        return state.kv_cache
+
+    def _stacked_tails(self, module, x: torch.Tensor, length: int) -> torch.Tensor | None:
+        """The rows' kept inputs of ``module``, each left-filled with zeros to ``length``; None if none kept any."""
+        kept = [state.tails.get(id(module)) for state in self._active]
+        if all(tail is None for tail in kept):
+            return None
+        rows = []
+        for tail in kept:
+            if tail is None:
+                tail = x.new_zeros(1, x.shape[1], length)
+            elif tail.shape[-1] < length:
+                tail = torch.cat((x.new_zeros(1, x.shape[1], length - tail.shape[-1]), tail), dim=-1)
+            rows.append(tail)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def _keep(self, module, extended: torch.Tensor, length: int) -> None:
+        tail = extended[..., max(0, extended.shape[-1] - length) :]
+        for i, state in enumerate(self._active):
+            state.tails[id(module)] = tail[i : i + 1]
+
+    # Causal convolution: prepend the previous chunk's tail (zeros at first), drop the outputs made for it.
 
     def _conv_before(self, module, args):
-        state = self._active
-        if state is None:
+        if self._active is None:
             return None
         (x,) = args
-        tail = state.tails.get(id(module))
+        tail = self._stacked_tails(module, x, module.padding)
         if tail is None:
             tail = x.new_zeros(x.shape[0], x.shape[1], module.padding)
         extended = torch.cat((tail, x), dim=-1)
-        state.tails[id(module)] = extended[..., extended.shape[-1] - module.padding :]
+        self._keep(module, extended, module.padding)
         return (extended,)
 
     def _conv_after(self, module, args, output):
@@ -107,35 +189,21 @@ class StreamingCodecDecoder:
     # Transposed convolution: prepend the inputs whose outputs overlap this chunk's.
 
     def _transconv_before(self, module, args):
-        state = self._active
-        if state is None:
+        if self._active is None:
             return None
         (x,) = args
         kernel, stride = module.conv.kernel_size[0], module.conv.stride[0]
         keep = math.ceil(kernel / stride) - 1
-        previous = state.tails.get(id(module))
+        # Zeros before a row's first chunk change none of its outputs: they add nothing where they
+        # overlap, and their own outputs are dropped.
+        previous = self._stacked_tails(module, x, keep) if keep else None
         extended = x if previous is None else torch.cat((previous, x), dim=-1)
         if keep:
-            state.tails[id(module)] = extended[..., max(0, extended.shape[-1] - keep) :]
-        # Remember how many output samples belong to the prepended inputs.
-        state.skips[id(module)] = (0 if previous is None else previous.shape[-1]) * stride
+            self._keep(module, extended, keep)
+        self._skips[id(module)] = (0 if previous is None else keep) * stride
         return (extended,)
 
     def _transconv_after(self, module, args, output):
-        state = self._active
-        if state is None:
+        if self._active is None:
             return None
-        return output[..., state.skips[id(module)] :]
-
-    # Transformer: run on top of the utterance's sliding-window KV cache.
-
-    def _attach_cache(self, module, args, kwargs):
-        state = self._active
-        if state is None:
-            return None
-        if state.kv_cache is None:
-            from transformers.cache_utils import DynamicCache
-
-            state.kv_cache = DynamicCache(config=module.config)
-        kwargs = dict(kwargs, past_key_values=state.kv_cache, use_cache=True)
-        return args, kwargs
+        return output[..., self._skips[id(module)] :]

@@ -14,11 +14,13 @@ import torch
 from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
 from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement
-from .options import EngineOptions
+from .options import CPU_DECODE_FRAMES, EngineOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
+from .runtime import ModelRuntime
 from .text_feed import TextFeed
-from .utterance import ModelRuntime, Utterance
-from .worker import EngineWorker, SynthesisJob
+from .utterance import Utterance
+from .job import SynthesisJob
+from .worker import EngineWorker
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ class SpeechEngine:
             raise ValueError("an engine needs at least one model")
         self.runtimes = runtimes
         self.options = options
-        self.worker = EngineWorker()
+        device = next(iter(runtimes.values())).frames.device
+        self.worker = EngineWorker(
+            max_batch=options.batch_size(device.type), decode_frames=CPU_DECODE_FRAMES if device.type == "cpu" else None
+        )
         self.clone_cache = ClonePromptCache(options.clone_cache_dir)
         self._clone_identity: str | None = None
         self.clones_computed = 0  # clone prompts computed (not found in the cache) since start
@@ -55,7 +60,8 @@ class SpeechEngine:
         """Load the configured checkpoints (blocking: minutes for a first download)."""
         placement = resolve_placement(options.load)
         torch.set_num_threads(placement.threads)
-        _LOGGER.info("PyTorch uses %d CPU thread(s)", placement.threads)
+        max_batch = options.batch_size(placement.device.type)
+        _LOGGER.info("PyTorch uses %d CPU thread(s); up to %d streams share a step", placement.threads, max_batch)
         if options.load.compile:
             # The inductor reads its cache location from the environment only.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
@@ -75,7 +81,7 @@ class SpeechEngine:
                     wrapper.model.load_speech_tokenizer(shared.wrapper.model.speech_tokenizer)
                     decoder = shared.decoder
                     _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
-            runtimes[role] = ModelRuntime.create(wrapper, decoder, folder, compile=options.load.compile)
+            runtimes[role] = ModelRuntime.create(wrapper, decoder, folder, compile=options.load.compile, max_batch=max_batch)
             _LOGGER.info(
                 "Loaded %s (%s) on %s as %s: %.0f MiB of model weights, %.0f MiB of codec%s",
                 name,
@@ -186,11 +192,11 @@ class SpeechEngine:
         def make_utterance(text: str | TextFeed, segment: int) -> Utterance:
             if isinstance(text, TextFeed):
                 prompt = DualTrackPrompt(runtime.wrapper, voice, language, request.instruct)
-                return Utterance(runtime, prompt, sampling, stop, chunks, segment=segment, feed=text)
+                return Utterance(prompt, sampling, stop, chunks, segment=segment, feed=text)
             prompt = build_prompt(runtime.wrapper, text, voice, language, non_streaming, request.instruct)
-            return Utterance(runtime, prompt, sampling, stop, chunks, segment=segment)
+            return Utterance(prompt, sampling, stop, chunks, segment=segment)
 
-        return self.worker.new_job(make_utterance, loop or asyncio.get_running_loop())
+        return self.worker.new_job(runtime, make_utterance, loop or asyncio.get_running_loop())
 
     async def synthesize(
         self, segments: Iterable[str], voice: VoiceSpec, request: RequestOptions = RequestOptions()

@@ -12,62 +12,22 @@ yields.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from .kv_cache import RowCaches, StaticKVCache
 from .layers import DecoderStack
 from .options import MIN_FRAMES
 from .predictor import CodePredictorLoop, PredictorSampling
 from .prompt import TalkerPrompt
 from .timings import StageTimings
-from .sampling import SamplingOptions, apply_repetition_penalty, choose
+from .sampling import ExponentialNoise, SamplingOptions, apply_repetition_penalty, choose
 
 if TYPE_CHECKING:
     from qwen_tts.core.models import Qwen3TTSForConditionalGeneration
-
-
-
-class StaticKVCache:
-    """Preallocated keys and values for a stack of decoder layers, batch of one.
-
-    `update()` writes the step's keys and values in place and returns views of all positions so
-    far, the way a transformers `Cache` does (the package's own layers accept it too). Nothing is
-    allocated per step unless the capacity must grow.
-    """
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
-        shape = (layers, 1, kv_heads, max(capacity, 1), head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity)
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[:3] + (capacity,) + old.shape[4:])
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            self._grow(end)
-        self.keys[layer_idx, :, :, self.length : end] = key_states
-        self.values[layer_idx, :, :, self.length : end] = value_states
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
-
-    def advance(self, steps: int) -> None:
-        self.length += steps
 
 
 @dataclass
@@ -78,19 +38,24 @@ class GenerationState:
     sampling: SamplingOptions
     predictor_sampling: PredictorSampling  # the code predictor's part of ``sampling``
     max_frames: int
-    generator: torch.Generator | None
+    noise: ExponentialNoise | None  # the random numbers its sampling draws (None: greedy)
     talker_cache: StaticKVCache
     seen: torch.Tensor  # codebook-0 ids generated so far (repetition penalty)
     last_hidden: torch.Tensor | None = None  # talker output of the last position, [1, 1, D]
     next_code0: torch.Tensor | None = None  # codebook-0 id of the next frame, [1]
     frames: int = 0
     finish_reason: str | None = None  # "eos", "cap" or "cancelled"
-    # The last frame's codes [16] while its talker step waits for text that has not arrived yet.
+    # The last frame's codes [16], until the talker has read them (with the text of that step).
     pending: torch.Tensor | None = None
 
     @property
+    def text_ready(self) -> bool:
+        """Whether the text the talker reads beside the last frame has arrived."""
+        return self.pending is None or self.prompt.text_track.at(self.frames - 1) is not None
+
+    @property
     def waiting_for_text(self) -> bool:
-        return self.pending is not None and not self.finished
+        return not self.finished and not self.text_ready
 
     @property
     def finished(self) -> bool:
@@ -124,41 +89,50 @@ class FrameGenerator:
         self.frames_generated = 0  # every frame since load, all utterances: for monitoring and tests
         self.timings = StageTimings()  # seconds in the talker and the code predictor
 
-    def warm_up(self, sampling: SamplingOptions) -> None:
-        """Compile the code predictor for the checkpoint's default sampling, if compiling."""
-        self.predictor.warm_up(PredictorSampling.of(sampling))
+    def warm_up(self, sampling: SamplingOptions, batches: bool = True) -> None:
+        """Compile the code predictor for the checkpoint's default sampling, if compiling: for
+        single rows, and (``batches``) for batches of two rows or more."""
+        self.predictor.warm_up(PredictorSampling.of(sampling), (1, 2) if batches else (1,))
 
-    def _talker_rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + length, device=self.device).view(1, 1, -1).expand(3, 1, -1)
-        cos, sin = self.talker.model.rotary_emb(self._probe, positions)
+    def _talker_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables [B, 1, n, head_dim] for ``positions`` [B, n]."""
+        cos, sin = self.talker.model.rotary_emb(self._probe, positions.unsqueeze(0).expand(3, -1, -1))
         # Speech has one position stream: the three multimodal sections hold the same angles, so
         # the package's section merge yields the first stream's table unchanged.
         return cos[0].unsqueeze(1), sin[0].unsqueeze(1)
 
-    def _talker_forward(self, state: GenerationState, embeds: torch.Tensor) -> torch.Tensor:
-        cos, sin = self._talker_rope(state.talker_cache.length, embeds.shape[1])
-        return self.stack.forward(embeds, cos, sin, state.talker_cache)[:, -1:]
+    def _choose_code0(self, rows: list[GenerationState], logits: torch.Tensor) -> None:
+        """Codebook 0 of each row's next frame from the talker's logits [B, vocab] (float32).
 
-    def _choose_code0(self, state: GenerationState, hidden: torch.Tensor, generated: int) -> torch.Tensor:
-        s = state.sampling
-        logits = self.talker.codec_head(hidden[:, -1]).float()
-        logits = apply_repetition_penalty(logits, state.seen, s.repetition_penalty)
-        if generated < MIN_FRAMES:
-            logits = logits.masked_fill(self.eos_mask, -float("inf"))
-        logits = logits.masked_fill(self.suppressed, -float("inf"))
-        code = choose(logits, s.do_sample, s.temperature, s.top_k, s.top_p, state.generator)
-        state.seen[code] = True
-        return code
+        Rows with the same settings choose together; each draws its own random numbers.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, state in enumerate(rows):
+            s = state.sampling
+            groups.setdefault((s.do_sample, s.temperature, s.top_k, s.top_p, s.repetition_penalty), []).append(i)
+        for (do_sample, temperature, top_k, top_p, penalty), members in groups.items():
+            group = [rows[i] for i in members]
+            chosen = logits if len(members) == len(rows) else logits[members]
+            chosen = apply_repetition_penalty(chosen, torch.stack([s.seen for s in group]), penalty)
+            # The package may not stop before its second frame.
+            early = torch.tensor([s.frames < MIN_FRAMES for s in group], device=self.device).unsqueeze(1)
+            chosen = chosen.masked_fill(early & self.eos_mask, -float("inf"))
+            chosen = chosen.masked_fill(self.suppressed, -float("inf"))
+            codes = choose(chosen, do_sample, temperature, top_k, top_p, [s.noise for s in group])
+            for state, code in zip(group, codes.split(1)):
+                state.seen[code] = True
+                state.next_code0 = code
 
-    def start(self, prompt: TalkerPrompt, sampling: SamplingOptions, max_frames: int) -> GenerationState:
-        """Prefill the talker with ``prompt``; the first frame is generated by `step`."""
-        generator = None
+    def prefill(self, prompt: TalkerPrompt, sampling: SamplingOptions, max_frames: int) -> GenerationState:
+        """Run the talker over ``prompt``: the state of one utterance, whose frames `step` makes."""
+        noise = None
         if sampling.do_sample or sampling.subtalker_do_sample:
             generator = torch.Generator(device=self.device)
             if sampling.seed is None:
                 generator.seed()
             else:
                 generator.manual_seed(sampling.seed)
+            noise = ExponentialNoise(generator, stock_stream=sampling.seed is not None)
         layers, kv_heads, head_dim = self._talker_dims
         # Room for a typical sentence up front; the cache grows if an utterance runs longer.
         capacity = prompt.prefill.shape[1] + min(max_frames, 512) + 1
@@ -167,73 +141,95 @@ class FrameGenerator:
             sampling=sampling,
             predictor_sampling=PredictorSampling.of(sampling),
             max_frames=max(MIN_FRAMES, max_frames),
-            generator=generator,
+            noise=noise,
             talker_cache=StaticKVCache(layers, kv_heads, head_dim, capacity, self.dtype, self.device),
             seen=torch.zeros_like(self.suppressed),
         )
         with torch.inference_mode():
-            hidden = self._talker_forward(state, prompt.prefill.to(self.dtype))
+            embeds = prompt.prefill.to(self.dtype)
+            positions = torch.arange(embeds.shape[1], device=self.device).unsqueeze(0)
+            cos, sin = self._talker_rope(positions)
+            hidden = self.stack.forward(embeds, cos, sin, state.talker_cache)[:, -1:]
             state.last_hidden = hidden
-            state.next_code0 = self._choose_code0(state, hidden, generated=0)
+            self._choose_code0([state], self.talker.codec_head(hidden[:, -1]).float())
         return state
 
-    def step(self, state: GenerationState) -> torch.Tensor | None:
-        """Generate the next frame: its 16 codes on the model's device.
+    def step(self, states: Sequence[GenerationState]) -> list[torch.Tensor | None]:
+        """The next frame of every state, as one batch: its 16 codes on the model's device.
 
-        None when the utterance is finished, or while it waits for text (`waiting_for_text`).
+        A row's entry is None when its utterance is finished, or while it waits for text
+        (`waiting_for_text`). The talker reads the rows' previous frames in one batched pass (each
+        row attending to its own history), then the code predictor makes all rows' codebooks 1-15
+        in one batched loop; each row samples with its own options and random numbers, so a
+        seeded request draws the same numbers alone or in company.
         """
-        if state.finished:
-            return None
+        frames: list[torch.Tensor | None] = [None] * len(states)
         with torch.inference_mode():
-            if state.pending is not None and not self._advance_talker(state):
-                return None
-            if state.frames >= state.max_frames:
-                state.finish_reason = "cap"
-                return None
-            code0 = state.next_code0
-            if int(code0.item()) == self.eos_id:
-                state.finish_reason = "eos"
-                return None
+            feeding = [s for s in states if s.pending is not None and not s.finished and s.text_ready]
+            if feeding:
+                self._advance_talker(feeding)
+            candidates = [i for i, s in enumerate(states) if not s.finished and s.pending is None]
+            if not candidates:
+                return frames
+            # One host sync for the whole batch.
+            is_eos = (torch.cat([states[i].next_code0 for i in candidates]) == self.eos_id).tolist()
+            ready = []
+            for i, eos in zip(candidates, is_eos):
+                state = states[i]
+                if state.frames >= state.max_frames:
+                    state.finish_reason = "cap"
+                elif eos:
+                    state.finish_reason = "eos"
+                else:
+                    ready.append(i)
+            if not ready:
+                return frames
+            rows = [states[i] for i in ready]
             started = time.perf_counter()
-            rest = self.predictor.codes(state.last_hidden, code0, state.predictor_sampling, state.generator)
-            self.timings.add("predictor", time.perf_counter() - started)
-            frame = torch.cat((code0, rest))
-            state.frames += 1
-            self.frames_generated += 1
-            if state.frames >= state.max_frames:
-                state.finish_reason = "cap"
-                return frame
-            state.pending = frame
-            self._advance_talker(state)
-        return frame
+            code0 = torch.cat([s.next_code0 for s in rows])
+            rest = self.predictor.codes(
+                torch.cat([s.last_hidden for s in rows]),
+                code0,
+                [s.predictor_sampling for s in rows],
+                [s.noise for s in rows],
+            )
+            self.timings.add("predictor", time.perf_counter() - started, len(rows))
+            made = torch.cat((code0.unsqueeze(1), rest), dim=1)
+            for i, state, frame in zip(ready, rows, made):
+                state.frames += 1
+                if state.frames >= state.max_frames:
+                    state.finish_reason = "cap"
+                else:
+                    state.pending = frame  # the talker reads it at the next step
+                frames[i] = frame
+            self.frames_generated += len(rows)
+        return frames
 
     def force(self, state: GenerationState, frame: torch.Tensor) -> None:
         """Feed ``frame`` [16] to the talker as if it had been generated (teacher forcing).
 
         For measuring a model against another on the same history (quantization quality).
         """
+        if state.pending is not None or not state.prompt.text_track.complete:
+            raise ValueError("teacher forcing needs the whole text up front and no frame in flight")
         with torch.inference_mode():
             state.pending = frame
             state.frames += 1
-            if not self._advance_talker(state):
-                raise ValueError("teacher forcing needs the whole text up front")
+            self._advance_talker([state])
 
-    def _advance_talker(self, state: GenerationState) -> bool:
-        """Feed the last frame (and its text) to the talker; False while the text is missing."""
-        text = state.prompt.text_track.at(state.frames - 1)
-        if text is None:
-            return False
+    def _advance_talker(self, rows: list[GenerationState]) -> None:
+        """Feed each row's last frame (and its text) to the talker; choose each row's next codebook 0."""
         started = time.perf_counter()
-        frame = state.pending
+        frames = torch.stack([s.pending for s in rows])
         embeds = torch.cat(
-            [embedding(frame[i : i + 1]).unsqueeze(1) for i, embedding in enumerate(self.code_embeddings)], dim=1
+            [embedding(frames[:, i : i + 1]) for i, embedding in enumerate(self.code_embeddings)], dim=1
         ).sum(1, keepdim=True)
-        state.last_hidden = self._talker_forward(state, embeds + text)
-        state.next_code0 = self._choose_code0(state, state.last_hidden, generated=state.frames)
-        state.pending = None
-        self.timings.add("talker", time.perf_counter() - started)
-        return True
-
-    def cancel(self, state: GenerationState) -> None:
-        if not state.finished:
-            state.finish_reason = "cancelled"
+        text = torch.cat([s.prompt.text_track.at(s.frames - 1) for s in rows])
+        positions = torch.tensor([[s.talker_cache.length] for s in rows], device=self.device)
+        cos, sin = self._talker_rope(positions)
+        hidden = self.stack.forward(embeds + text, cos, sin, RowCaches([s.talker_cache for s in rows]))
+        self._choose_code0(rows, self.talker.codec_head(hidden[:, -1]).float())
+        for i, state in enumerate(rows):
+            state.last_hidden = hidden[i : i + 1]
+            state.pending = None
+        self.timings.add("talker", time.perf_counter() - started, len(rows))

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quantize import linear_of
+from .quantized_linear import Linear, linear_of, projections_of
 
-# A linear layer as a callable x -> y: float weights through F.linear, or a quantized kernel.
-Linear = Callable[[torch.Tensor], torch.Tensor]
+# Several projections of one input: x -> (y1, y2, ...), in one call where the weights allow.
+Projections = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,12 @@ class LayerWeights:
     """One Qwen3 decoder layer: attention with per-head q/k norms, then a SwiGLU MLP."""
 
     input_norm: torch.Tensor
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: Projections
     o: Linear
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     post_norm: torch.Tensor
-    gate: Linear
-    up: Linear
+    gate_up: Projections
     down: Linear
 
     @classmethod
@@ -42,15 +39,12 @@ class LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         return cls(
             input_norm=layer.input_layernorm.weight,
-            q=linear_of(attn.q_proj),
-            k=linear_of(attn.k_proj),
-            v=linear_of(attn.v_proj),
+            qkv=projections_of((attn.q_proj, attn.k_proj, attn.v_proj)),
             o=linear_of(attn.o_proj),
             q_norm=attn.q_norm.weight,
             k_norm=attn.k_norm.weight,
             post_norm=layer.post_attention_layernorm.weight,
-            gate=linear_of(mlp.gate_proj),
-            up=linear_of(mlp.up_proj),
+            gate_up=projections_of((mlp.gate_proj, mlp.up_proj)),
             down=linear_of(mlp.down_proj),
         )
 
@@ -80,10 +74,11 @@ class DecoderStack:
         )
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
-        """Run ``hidden`` [1, n, D] through every layer and the final norm.
+        """Run ``hidden`` [B, n, D] (B rows of n new positions) through every layer and the final norm.
 
-        ``cos``/``sin`` are the rotary tables of the n new positions, [1, 1, n, head_dim]. ``cache``
-        has `update(keys, values, layer) -> (all keys, all values)` and `advance(n)`.
+        ``cos``/``sin`` are the rotary tables of the new positions, [B or 1, 1, n, head_dim]. ``cache``
+        (`kv_cache.py`) keeps each row's keys and values: `attend(layer, q, k, v, scaling)` and
+        `advance(n)`.
         """
         for index, layer in enumerate(self.layers):
             hidden = self._layer(layer, index, hidden, cos, sin, cache)
@@ -94,20 +89,18 @@ class DecoderStack:
         batch, length, _ = hidden.shape
         heads_shape = (batch, length, -1, self.head_dim)
         x = rms_norm(hidden, w.input_norm, self.eps)
-        q = rms_norm(w.q(x).view(heads_shape), w.q_norm, self.eps).transpose(1, 2)
-        k = rms_norm(w.k(x).view(heads_shape), w.k_norm, self.eps).transpose(1, 2)
-        v = w.v(x).view(heads_shape).transpose(1, 2)
+        q, k, v = w.qkv(x)
+        q = rms_norm(q.reshape(heads_shape), w.q_norm, self.eps).transpose(1, 2)
+        k = rms_norm(k.reshape(heads_shape), w.k_norm, self.eps).transpose(1, 2)
+        v = v.reshape(heads_shape).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = cache.update(k, v, index)
-        # What transformers' sdpa integration passes: causal only for several new positions.
-        attended = F.scaled_dot_product_attention(
-            q, keys, values, is_causal=length > 1, scale=self.scaling, enable_gqa=True
-        )
+        attended = cache.attend(index, q, k, v, self.scaling)
         attended = attended.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
         hidden = hidden + w.o(attended)
         x = rms_norm(hidden, w.post_norm, self.eps)
-        return hidden + w.down(F.silu(w.gate(x)) * w.up(x))
+        gate, up = w.gate_up(x)
+        return hidden + w.down(F.silu(gate) * up)
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,25 +114,3 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class GrowingKVCache:
-    """Keys and values that grow by concatenation: for the code predictor's 16 positions.
-
-    Each step's shapes are fixed by its index, so a compiled frame loop sees static shapes.
-    """
-
-    def __init__(self, layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * layers
-        self.values: list[torch.Tensor | None] = [None] * layers
-        self.length = 0
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int):
-        if self.keys[layer] is not None:
-            keys = torch.cat((self.keys[layer], keys), dim=2)
-            values = torch.cat((self.values[layer], values), dim=2)
-        self.keys[layer], self.values[layer] = keys, values
-        return keys, values
-
-    def advance(self, steps: int) -> None:
-        self.length += steps

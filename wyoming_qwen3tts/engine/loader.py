@@ -18,7 +18,8 @@ import torch
 
 from ..speech import BackendUnavailableError
 from .options import LoadOptions
-from .quantize import QuantizedLinear, quantize_talker, resolve_mode
+from .quantize import quantize_talker, resolve_mode
+from .quantized_linear import quantized_bytes
 from .qwen_import import import_qwen_tts
 
 if TYPE_CHECKING:
@@ -211,5 +212,4 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of weights: parameters, and the quantized weights that replaced some of them."""
-    quantized = sum(m.weights.nbytes for m in module.modules() if isinstance(m, QuantizedLinear))
-    return quantized + sum(p.numel() * p.element_size() for p in module.parameters())
+    return quantized_bytes(module) + sum(p.numel() * p.element_size() for p in module.parameters())

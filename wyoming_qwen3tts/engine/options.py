@@ -18,6 +18,14 @@ QUANTIZE = ("auto", "none", "int8", "int4")
 # The package's talker may not stop before its second frame (`min_new_tokens=2`).
 MIN_FRAMES = 2
 
+# Streams per batched step when not configured: a GPU step costs about the same for 16 rows as
+# for one; a CPU step grows with the rows' arithmetic, and 8 rows still share one read of the
+# weights (BENCHMARKS.md, "continuous batching").
+AUTO_BATCH = {"cpu": 8, "cuda": 16}
+# Most frames of one codec call on a CPU, over all the streams it decodes: beyond this the call's
+# activations leave the cache and every frame costs more than alone (BENCHMARKS.md, "codec batches").
+CPU_DECODE_FRAMES = 24
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -109,6 +117,19 @@ class EngineOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
     stop: StopRules = field(default_factory=StopRules)
     chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
+    # Most streams that share one batched step (0: what suits the device). More rows cost little
+    # more than one while a step is bound by reading weights (CPU) or launching kernels (GPU).
+    max_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 0:
+            raise ValueError(f"max_batch must be 0 (automatic) or more, not {self.max_batch}")
+
+    def batch_size(self, device_type: str) -> int:
+        """The most rows of one step on this kind of device."""
+        if self.max_batch:
+            return self.max_batch
+        return AUTO_BATCH.get(device_type, AUTO_BATCH["cpu"])
 
     @property
     def models_dir(self) -> Path:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .layers import DecoderStack, GrowingKVCache
-from .quantize import QuantizedLinear, linear_of
-from .sampling import SamplingOptions, choose_with_noise
+from .kv_cache import GrowingKVCache
+from .layers import DecoderStack
+from .quantized_linear import QuantizedLinear, linear_of
+from .sampling import ExponentialNoise, SamplingOptions, choose_with_noise
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +46,11 @@ class PredictorSampling:
 
 
 class CodePredictorLoop:
-    """Runs the package's code predictor for one frame at a time. One owner thread."""
+    """Runs the package's code predictor for a batch of frames at a time. One owner thread.
+
+    All rows of a batch sit at the same position of their frame (the predictor starts afresh
+    every frame), so the whole batch runs each step's layers together, with one attention call.
+    """
 
     def __init__(self, predictor, code0_embedding: torch.nn.Embedding, groups: int, compile: bool = False) -> None:
         self.stack = DecoderStack.of(predictor.model, predictor.config)
@@ -54,10 +60,10 @@ class CodePredictorLoop:
         self.heads = tuple(linear_of(head) for head in predictor.lm_head)
         self.steps = groups - 1
         self.vocab = predictor.lm_head[0].out_features
-        device, dtype = self.code0_table.device, self.code0_table.dtype
-        positions = torch.arange(groups, device=device).unsqueeze(0)
+        self.device, self.dtype = self.code0_table.device, self.code0_table.dtype
+        positions = torch.arange(groups, device=self.device).unsqueeze(0)
         # Positions restart at 0 every frame: one rotary table serves all frames.
-        cos, sin = predictor.model.rotary_emb(torch.zeros(1, device=device, dtype=dtype), positions)
+        cos, sin = predictor.model.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if compile and any(isinstance(m, QuantizedLinear) for m in predictor.modules()):
             # Dynamo cannot trace fbgemm's packed weights; the quantized kernels are fast as they are.
@@ -66,54 +72,84 @@ class CodePredictorLoop:
         self.compile = compile
         self._compiled: dict[PredictorSampling, object] = {}
         self.compiled_frames = 0  # frames whose codebooks 1-15 came from a compiled loop
-        # Fixed input buffers: a compiled graph is specialised to its inputs' strides and
-        # dispatch keys, and CUDA graphs read from fixed addresses.
-        self._hidden = torch.zeros((1, 1, self.code0_table.shape[1]), dtype=dtype, device=device)
-        self._code0 = torch.zeros(1, dtype=torch.long, device=device)
-        self._noise = torch.ones((self.steps, self.vocab), dtype=torch.float32, device=device)
+        # Fixed input buffers per batch size: a compiled graph is specialised to its inputs'
+        # strides and dispatch keys, and CUDA graphs read from fixed addresses.
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [B, 1, D], code0 [B], noise [B, 15, vocab]) for a batch of ``rows``."""
+        buffers = self._inputs.get(rows)
+        if buffers is None:
+            buffers = (
+                torch.zeros((rows, 1, self.code0_table.shape[1]), dtype=self.dtype, device=self.device),
+                torch.zeros(rows, dtype=torch.long, device=self.device),
+                torch.ones((rows, self.steps, self.vocab), dtype=torch.float32, device=self.device),
+            )
+            if rows > 1:
+                # One compiled graph serves every batch of two rows or more.
+                for buffer in buffers:
+                    torch._dynamo.maybe_mark_dynamic(buffer, 0)
+            self._inputs[rows] = buffers
+        return buffers
 
     def codes(
         self,
         last_hidden: torch.Tensor,
         code0: torch.Tensor,
-        sampling: PredictorSampling,
-        generator: torch.Generator | None,
+        samplings: Sequence[PredictorSampling],
+        noise: Sequence[ExponentialNoise | None],
     ) -> torch.Tensor:
-        """Codebooks 1-15 [15] for the frame whose talker output is ``last_hidden`` [1, 1, D]."""
-        noise = self._noise.exponential_(generator=generator) if sampling.do_sample else None
+        """Codebooks 1-15 [B, 15] of B frames whose talker outputs are ``last_hidden`` [B, 1, D].
+
+        Row i samples with ``samplings[i]`` from ``noise[i]``: the same random numbers it would
+        draw alone (one draw of 15 x vocab per frame).
+        """
+        rows = last_hidden.shape[0]
+        hidden_in, code0_in, noise_in = self._buffers(rows)
+        sampling = samplings[0]
+        if any(other != sampling for other in samplings[1:]):
+            # Rows with different settings: one batched pass, each row chooses its own way.
+            drawn = [source.fill(noise_in[i]) if s.do_sample else None for i, (s, source) in enumerate(zip(samplings, noise))]
+            return self._loop(last_hidden, code0, drawn, tuple(samplings))
+        drawn = None
+        if sampling.do_sample:
+            for row, source in zip(noise_in, noise):
+                source.fill(row)
+            drawn = noise_in
         compiled = self._compiled.get(sampling)
         if compiled is not None:
-            self._hidden.copy_(last_hidden)
-            self._code0.copy_(code0)
+            hidden_in.copy_(last_hidden)
+            code0_in.copy_(code0)
             try:
                 # Should anything still differ from what was compiled, run eagerly rather than
                 # stall every request behind a new compile.
                 with torch.compiler.set_stance("eager_on_recompile"):
-                    codes = self._run_compiled(compiled, noise)
-                self.compiled_frames += 1
+                    codes = self._run_compiled(compiled, hidden_in, code0_in, drawn)
+                self.compiled_frames += rows
                 return codes
             except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
                 self._give_up_compiling(error)
-        return self._loop(last_hidden, code0, noise, sampling)
+        return self._loop(last_hidden, code0, drawn, sampling)
 
-    def _run_compiled(self, compiled, noise: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _run_compiled(compiled, hidden: torch.Tensor, code0: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         # Compiled CUDA graphs reuse their output buffer on the next replay: copy it out.
-        return compiled(self._hidden, self._code0, noise).clone()
+        return compiled(hidden, code0, noise).clone()
 
-    def warm_up(self, sampling: PredictorSampling) -> None:
+    def warm_up(self, sampling: PredictorSampling, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Compile the loop for ``sampling`` now, before the first request.
 
         Only this sampling configuration (the checkpoint's default) runs compiled; a request with
-        other settings runs eagerly rather than stall everyone behind a compile.
+        other settings runs eagerly rather than stall everyone behind a compile. One graph is
+        made for single rows and one for batches (any size from two up).
         """
         if not self.compile or sampling in self._compiled:
             return
-        cuda = self.code0_table.device.type == "cuda"
+        cuda = self.device.type == "cuda"
         try:
             self._compiled[sampling] = torch.compile(
                 functools.partial(self._loop, sampling=sampling),
                 fullgraph=True,
-                dynamic=False,
                 # CUDA graphs on a GPU; on CPU a C++ wrapper, because calling the ~40 fused
                 # kernels of each step from Python costs more than they do on a small model.
                 mode="reduce-overhead" if cuda else None,
@@ -122,12 +158,13 @@ class CodePredictorLoop:
         except Exception as error:  # noqa: BLE001
             self._give_up_compiling(error)
             return
-        noise = self._noise if sampling.do_sample else None
         started = time.monotonic()
         try:
             with torch.inference_mode():  # as in generation: the graph is specialised to it
-                for _ in range(2):  # CUDA graph trees record on the second call
-                    self._run_compiled(self._compiled[sampling], noise)
+                for rows in batch_sizes:
+                    hidden, code0, noise = self._buffers(rows)
+                    for _ in range(2):  # CUDA graph trees record on the second call
+                        self._run_compiled(self._compiled[sampling], hidden, code0, noise if sampling.do_sample else None)
         except Exception as error:  # noqa: BLE001 - no C++ compiler, unsupported GPU, ...
             self._give_up_compiling(error)
             return
@@ -144,8 +181,14 @@ class CodePredictorLoop:
         self._compiled.clear()
 
     def _loop(
-        self, last_hidden: torch.Tensor, code0: torch.Tensor, noise: torch.Tensor | None, sampling: PredictorSampling
+        self,
+        last_hidden: torch.Tensor,
+        code0: torch.Tensor,
+        noise: torch.Tensor | list[torch.Tensor | None] | None,
+        sampling: PredictorSampling | tuple[PredictorSampling, ...],
     ) -> torch.Tensor:
+        """The 15 steps for B rows. ``sampling`` is one for all rows (with ``noise`` [B, 15, vocab]
+        or None), or one per row (with ``noise`` a list of [15, vocab] or None)."""
         cache = GrowingKVCache(len(self.stack.layers))
         embeds = torch.cat((last_hidden, F.embedding(code0, self.code0_table).unsqueeze(1)), dim=1)
         codes = []
@@ -156,8 +199,23 @@ class CodePredictorLoop:
             cos, sin = self.cos[:, :, cache.length : end], self.sin[:, :, cache.length : end]
             hidden = self.stack.forward(self.project(embeds), cos, sin, cache)
             logits = self.heads[step](hidden[:, -1]).float()
-            step_noise = None if noise is None else noise[step : step + 1]
-            codes.append(
-                choose_with_noise(logits, step_noise, sampling.temperature, sampling.top_k, sampling.top_p)
-            )
-        return torch.cat(codes)
+            codes.append(self._choose(logits, noise, step, sampling))
+        return torch.stack(codes, dim=1)
+
+    @staticmethod
+    def _choose(logits, noise, step: int, sampling) -> torch.Tensor:
+        if isinstance(sampling, PredictorSampling):
+            step_noise = None if noise is None else noise[:, step]
+            return choose_with_noise(logits, step_noise, sampling.temperature, sampling.top_k, sampling.top_p)
+        return torch.cat(
+            [
+                choose_with_noise(
+                    logits[i : i + 1],
+                    None if row_noise is None else row_noise[step : step + 1],
+                    row.temperature,
+                    row.top_k,
+                    row.top_p,
+                )
+                for i, (row, row_noise) in enumerate(zip(sampling, noise))
+            ]
+        )

@@ -1,23 +1,18 @@
-"""One utterance (one text segment in one voice): frames in, PCM chunks out, a frame at a time."""
+"""One utterance (one text segment in one voice) as state: its prompt, frames and chunks so far."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..speech import AudioChunk, SamplingOptions
-from .decode import StreamingCodecDecoder
-from .generate import FrameGenerator
+from .generate import GenerationState
 from .options import ChunkSchedule, StopRules
 from .prompt import DualTrackPrompt, TalkerPrompt
 from .text_feed import IncrementalTokenizer, TextFeed
 
-if TYPE_CHECKING:
-    from qwen_tts import Qwen3TTSModel
 
 @dataclass(frozen=True)
 class CodeChunk:
@@ -27,35 +22,9 @@ class CodeChunk:
     first_frame: int
     fade: bool  # the utterance hit its frame cap: end the audio with a fade
 
-
-@dataclass
-class ModelRuntime:
-    """A loaded checkpoint and the machinery that streams from it."""
-
-    wrapper: "Qwen3TTSModel"
-    frames: FrameGenerator
-    decoder: StreamingCodecDecoder
-    sampling: SamplingOptions  # the checkpoint's own defaults
-    folder: Path | None = None  # where the checkpoint was loaded from
-
-    @classmethod
-    def create(
-        cls,
-        wrapper: "Qwen3TTSModel",
-        decoder: StreamingCodecDecoder | None = None,
-        folder: Path | None = None,
-        compile: bool = False,
-    ) -> "ModelRuntime":
-        sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
-        frames = FrameGenerator(wrapper.model, compile=compile)
-        frames.warm_up(sampling)
-        return cls(
-            wrapper=wrapper,
-            frames=frames,
-            decoder=decoder or StreamingCodecDecoder(wrapper.model.speech_tokenizer.model.decoder),
-            sampling=sampling,
-            folder=folder,
-        )
+    @property
+    def frames(self) -> int:
+        return self.codes.shape[0]
 
 
 def fade_out(audio: np.ndarray, samples: int) -> np.ndarray:
@@ -70,10 +39,12 @@ def fade_out(audio: np.ndarray, samples: int) -> np.ndarray:
 
 
 class Utterance:
-    """Generates and decodes one segment; `advance` does at most one frame of work.
+    """One segment's progress: its prompt, its frames so far, its chunks; nothing else.
 
-    Generation (`advance_codes`) and decoding (`decode`) can also run on two threads: each
-    side keeps its own state, and chunks must be decoded in the order they were generated.
+    An utterance never runs the model: the model side (`runtime.ModelRuntime`) prefills it, steps
+    it (together with other utterances of the same model) and decodes its chunks. Generation and
+    decoding may happen on two threads: each side keeps its own state, and chunks must be decoded
+    in the order they were made.
 
     The prompt is either complete up front, or (dual-track streaming) built while the text
     arrives through a `TextFeed`: generation starts with the first word and, at each step,
@@ -82,7 +53,6 @@ class Utterance:
 
     def __init__(
         self,
-        runtime: ModelRuntime,
         prompt: TalkerPrompt | DualTrackPrompt,
         sampling: SamplingOptions,
         stop: StopRules,
@@ -91,7 +61,6 @@ class Utterance:
         segment: int = 0,
         feed: TextFeed | None = None,
     ) -> None:
-        self.runtime = runtime
         self.sampling = sampling
         self.stop = stop
         self.schedule = schedule
@@ -100,17 +69,17 @@ class Utterance:
         if isinstance(prompt, DualTrackPrompt):
             if feed is None:
                 raise ValueError("a dual-track prompt needs the feed its text arrives through")
-            self._dual: DualTrackPrompt | None = prompt
-            self._feed = feed
-            self._tokens = IncrementalTokenizer(runtime.wrapper.processor.tokenizer)
+            self.dual: DualTrackPrompt | None = prompt
+            self.feed: TextFeed | None = feed
+            self.tokens: IncrementalTokenizer | None = IncrementalTokenizer(prompt.wrapper.processor.tokenizer)
             self._text_complete = False
             self.prompt: TalkerPrompt | None = None
         else:
-            self._dual, self._feed, self._tokens = None, None, None
+            self.dual, self.feed, self.tokens = None, None, None
             self._text_complete = True
             self.prompt = prompt
-        self._state = None
-        self._decoder_state = None
+        self.state: GenerationState | None = None  # set by the prefill
+        self.decoder_state = None  # the codec's, kept by the decoding side
         self._pending: list[torch.Tensor] = []
         self._chunks = 0
         self._emitted_frames = 0
@@ -118,94 +87,84 @@ class Utterance:
     @property
     def frames(self) -> int:
         """Frames generated so far."""
-        return 0 if self._state is None else self._state.frames
+        return 0 if self.state is None else self.state.frames
 
     @property
     def finish_reason(self) -> str | None:
-        if self._state is None:
+        if self.state is None:
             return "empty" if self._text_complete and self.prompt is None else None
-        return self._state.finish_reason
+        return self.state.finish_reason
 
     @property
     def finished(self) -> bool:
-        if self._state is None:
+        if self.state is None:
             return self._text_complete and self.prompt is None
-        return self._state.finished and not self._pending
+        return self.state.finished and not self._pending
+
+    @property
+    def has_text_news(self) -> bool:
+        """Text (or its end) arrived that the prompt has not taken yet."""
+        return self.feed is not None and not self._text_complete and self.feed.has_news
+
+    @property
+    def needs_prefill(self) -> bool:
+        return self.state is None and self.prompt is not None
 
     @property
     def waiting_for_text(self) -> bool:
         """Blocked until more text (or its end) arrives; taking turns would only spin."""
-        if self._feed is None or self._text_complete or self._feed.has_news:
+        if self.feed is None or self._text_complete or self.feed.has_news:
             return False
-        if self._state is None:
+        if self.state is None:
             return self.prompt is None
-        return self._state.waiting_for_text
+        return self.state.waiting_for_text
+
+    @property
+    def steppable(self) -> bool:
+        """Ready for the next batched step (which also flushes the frames of a finished one)."""
+        return self.state is not None and not self.finished and not self.waiting_for_text
+
+    @property
+    def frame_cap(self) -> int:
+        if self._text_complete:
+            return self.stop.frame_cap(self.prompt.text_tokens)
+        return self.stop.max_frames
+
+    def text_grew(self, complete: bool) -> None:
+        """The dual-track prompt took new tokens (and, when ``complete``, the end of the text)."""
+        self.prompt = self.dual.prompt
+        if complete:
+            self._text_complete = True
+            if self.state is not None:
+                self.state.max_frames = max(self.frames, self.frame_cap)
 
     def cancel(self) -> None:
-        if self._state is not None:
-            self.runtime.frames.cancel(self._state)
+        if self.state is not None and not self.state.finished:
+            self.state.finish_reason = "cancelled"
         self._pending.clear()
 
-    def advance(self) -> AudioChunk | None:
-        """Prefill, or generate one frame; return a decoded chunk when one is complete."""
-        codes = self.advance_codes()
-        return None if codes is None else self.decode(codes)
-
-    def advance_codes(self) -> CodeChunk | None:
-        """Prefill, or generate one frame; return a chunk's frames when they are complete."""
-        if self._feed is not None and not self._text_complete:
-            self._take_text()
-        if self._state is None:
-            if self.prompt is not None:
-                self._start()
-            return None
-        if self._state.finished:
-            return self._flush() if self._pending else None
-        frame = self.runtime.frames.step(self._state)
+    def take_frame(self, frame: torch.Tensor | None) -> CodeChunk | None:
+        """Keep a frame the last step made (None: it made none); a chunk's frames once complete."""
         if frame is not None:
             self._pending.append(frame)
         full = len(self._pending) >= self.schedule.frames_in_chunk(self._chunks)
-        if self._pending and (self._state.finished or full):
+        if self._pending and (self.state.finished or full):
             return self._flush()
         return None
-
-    def _take_text(self) -> None:
-        text, finished = self._feed.take()
-        if not text and not finished:
-            return
-        self._dual.add_tokens(self._tokens.push(text, finished=finished))
-        self.prompt = self._dual.prompt
-        if finished:
-            self._dual.finish()
-            self._text_complete = True
-            if self._state is not None:
-                self._state.max_frames = max(self.frames, self.stop.frame_cap(self.prompt.text_tokens))
-
-    def _start(self) -> None:
-        runtime = self.runtime
-        max_frames = self.stop.frame_cap(self.prompt.text_tokens) if self._text_complete else self.stop.max_frames
-        self._state = runtime.frames.start(self.prompt, self.sampling, max_frames)
 
     def _flush(self) -> CodeChunk:
         chunk = CodeChunk(
             codes=torch.stack(self._pending),
             first_frame=self._emitted_frames,
-            fade=self._state.finish_reason == "cap",
+            fade=self.state.finish_reason == "cap",
         )
         self._pending = []
         self._chunks += 1
         self._emitted_frames += chunk.codes.shape[0]
         return chunk
 
-    def decode(self, chunk: CodeChunk) -> AudioChunk:
-        """The audio of ``chunk``; chunks must come in the order `advance_codes` made them."""
-        decoder = self.runtime.decoder
-        if self._decoder_state is None:
-            self._decoder_state = decoder.new_state()
-            if self.prompt.ref_codes is not None:
-                # A cloned voice's audio continues its reference: decode that first, as context.
-                decoder.decode(self._decoder_state, self.prompt.ref_codes)
-        audio = decoder.decode(self._decoder_state, chunk.codes).cpu().numpy()
+    def audio_chunk(self, chunk: CodeChunk, audio: np.ndarray) -> AudioChunk:
+        """The decoded audio of ``chunk`` as it goes to the listener."""
         if chunk.fade:
             # Runaway guard: end with a fade rather than a cut in the middle of a sound.
             audio = fade_out(audio, self.fade_samples)

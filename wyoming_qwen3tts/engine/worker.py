@@ -1,234 +1,76 @@
-"""The single thread that owns the models: it runs every request, a frame at a time.
+"""The single thread that owns the models: it runs every request, a batched frame step at a time.
 
-Audio is decoded on a second thread, in the order the frames were made, so that decoding one
-chunk overlaps generating the next (on a CPU the codec costs about a tenth of a frame).
+Each round of the model thread:
 
-Requests ("jobs") are scheduled earliest-deadline-first, where a job's deadline is the moment
-its listener runs out of audio: its arrival time plus the seconds of audio it has received. A
-new request therefore gets the next frame, a request far ahead of real time waits, and a long
-request cannot starve a short one. Cancelling a job takes effect before its next frame.
+1. takes the text that arrived for streaming (dual-track) utterances into their prompts;
+2. prefills at most one new utterance (the one whose listener has waited longest), so a new
+   request joins the next step without holding up the streams already running;
+3. makes one frame for each of up to `max_batch` utterances of one model in one batched step:
+   the rows whose listeners run out of audio first (earliest deadline, where a job's deadline is
+   its arrival time plus the seconds of audio it has received). Reading the weights once for
+   many rows is what makes several streams cost little more than one.
+
+Rows join a batch as soon as they are prefilled and leave it when they finish, are cancelled,
+fail, or wait for text. Audio is decoded on a second thread (`DecodeQueue`), also earliest
+deadline first, so that decoding overlaps generation. Cancelling a job takes effect before its
+next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import threading
-import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from threading import Condition, Thread
+from typing import TYPE_CHECKING, Callable
 
-from ..speech import AudioChunk, JobCancelled, JobStats
-from .text_feed import TextFeed
-from .utterance import CodeChunk, Utterance
+from ..speech import JobCancelled
+from .decode_queue import DecodeQueue, QueuedWork
+from .job import ChunkToDecode, SynthesisJob, UtteranceFactory, decode_chunks
+from .utterance import CodeChunk
+
+if TYPE_CHECKING:
+    from .runtime import ModelRuntime
 
 _LOGGER = logging.getLogger(__name__)
 
 
-class JobDone:
-    """End-of-stream marker on a job's queue."""
+@dataclass
+class _Round:
+    """What one round of the model thread does before its batched step."""
 
-
-# Builds the utterance for one segment (its text, or the feed it streams in through) and its
-# index; runs on the worker thread (it touches the model).
-UtteranceFactory = Callable[[str | TextFeed, int], Utterance]
-
-
-class SynthesisJob:
-    """One request: text segments in (possibly while it runs), audio chunks out."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, worker: "EngineWorker", make_utterance: UtteranceFactory, loop: asyncio.AbstractEventLoop) -> None:
-        self.id = next(self._ids)
-        self._worker = worker
-        self._make_utterance = make_utterance
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._segments: deque[str | TextFeed] = deque()
-        self._open: TextFeed | None = None  # the segment text is streaming into
-        self._segment_count = 0
-        self._closed = False
-        self._cancelled = False
-        self._done = False
-        self._failure: BaseException | None = None  # a decode failed: end the job with it
-        self.current: Utterance | None = None
-        self.stats = JobStats()
-
-    # Called from the event loop.
-
-    def add_text(self, text: str) -> None:
-        """Queue one segment (normally a sentence) for synthesis; blank text is skipped."""
-        if not text.strip():
-            return
-        with self._worker.condition:
-            if self._closed:
-                raise RuntimeError("add_text() after finish()")
-            self._close_open_segment()
-            self._segments.append(text)
-            self.stats.characters += len(text)
-            self._worker.condition.notify()
-
-    def append_text(self, piece: str) -> None:
-        """Stream text into the open segment (dual track): speech starts with its first word."""
-        with self._worker.condition:
-            if self._closed:
-                raise RuntimeError("append_text() after finish()")
-            if self._open is None:
-                self._open = TextFeed()
-                self._segments.append(self._open)
-            self._open.append(piece)
-            self.stats.characters += len(piece)
-            self._worker.condition.notify()
-
-    def close_segment(self) -> None:
-        """End the open segment: its speech finishes, later text starts a new one."""
-        with self._worker.condition:
-            self._close_open_segment()
-            self._worker.condition.notify()
-
-    def _close_open_segment(self) -> None:
-        if self._open is not None:
-            self._open.finish()
-            self._open = None
-
-    def finish(self) -> None:
-        """No more text will come; the job ends once the queued segments are spoken."""
-        with self._worker.condition:
-            self._close_open_segment()
-            self._closed = True
-            self._worker.condition.notify()
-
-    def cancel(self) -> None:
-        """Stop before the next frame and free the job's model state."""
-        with self._worker.condition:
-            if not self._done:
-                self._cancelled = True
-                self._worker.condition.notify()
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def __aiter__(self):
-        return self._chunks()
-
-    async def _chunks(self):
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, JobDone):
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    # Called on the worker thread, with the worker's lock held unless noted.
-
-    @property
-    def deadline(self) -> float:
-        return self.stats.created + self.stats.audio_seconds
-
-    @property
-    def runnable(self) -> bool:
-        if self._done:
-            return False
-        if self._cancelled or self._failure is not None:
-            return True
-        if self.current is not None:
-            return not self.current.waiting_for_text
-        return bool(self._segments) or self._closed
-
-    def _post(self, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self._cancelled = True
-
-    def _end(self, item) -> None:
-        self._done = True
-        if self.current is not None:
-            self.current.cancel()
-            self.current = None
-        self._segments.clear()
-        # Behind the chunks still being decoded.
-        self._worker.after_decoding(lambda: self._post_end(item))
-
-    def _post_end(self, item) -> None:
-        self.stats.finished = time.monotonic()
-        self._post(item)
-
-    def _take_work(self) -> tuple[str | TextFeed, int] | None:
-        """A new segment to start, as (its text or feed, its index); ends the job when all is done."""
-        if self._failure is not None:
-            self._end(self._failure)
-            return None
-        if self._cancelled:
-            self._end(JobCancelled(f"job {self.id} cancelled"))
-            return None
-        if self.current is None and not self._segments:
-            self._end(JobDone())
-            return None
-        if self.current is None:
-            text = self._segments.popleft()
-            index = self._segment_count
-            self._segment_count += 1
-            return text, index
-        return None
-
-    def _run_once(self, work: tuple[str | TextFeed, int] | None) -> None:
-        """One unit of model work; called without the lock."""
-        if work is not None:
-            text, index = work
-            self.current = self._make_utterance(text, index)
-        utterance = self.current
-        codes = utterance.advance_codes()
-        if codes is not None:
-            for listener in self._worker.frame_listeners:
-                listener(self.id, codes)
-            self._worker.after_decoding(lambda: self._decode(utterance, codes))
-        if utterance.finished:
-            self.stats.end_segment(self.current.finish_reason or "empty")
-            self.current = None
-
-    def _decode(self, utterance: Utterance, codes: CodeChunk) -> None:
-        """On the decode thread, without the lock."""
-        if self._cancelled or self._failure is not None:  # nobody will hear it
-            return
-        try:
-            chunk = utterance.decode(codes)
-        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-            _LOGGER.exception("Decoding audio for job %s failed", self.id)
-            with self._worker.condition:
-                self._failure = err
-                self._worker.condition.notify()
-            return
-        with self._worker.condition:
-            self._deliver(chunk)
-
-    def _deliver(self, chunk: AudioChunk) -> None:
-        self.stats.record(chunk)
-        self._post(chunk)
+    task: tuple[Callable[[], object], Future] | None = None
+    text_news: list[SynthesisJob] = field(default_factory=list)
+    prefill: SynthesisJob | None = None
 
 
 class EngineWorker:
     """Owns the model thread; jobs are created through `new_job`."""
 
-    def __init__(self, name: str = "qwen3tts-engine") -> None:
-        self.condition = threading.Condition()
+    def __init__(self, max_batch: int = 1, decode_frames: int | None = None, name: str = "qwen3tts-engine") -> None:
+        """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks)."""
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._max_batch = max_batch
+        self.condition = Condition()
         self._jobs: list[SynthesisJob] = []
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._stopping = False
-        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-decode")
+        self._decoder = DecodeQueue(f"{name}-decode", decode_chunks, max_batch, decode_frames)
         # Called on the model thread with (job id, frames) each time a chunk's frames exist:
         # for tests and diagnostics that need the codes behind the audio.
         self.frame_listeners: list[Callable[[int, CodeChunk], None]] = []
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # Called on the model thread with the job ids of every batched step: for tests and monitoring.
+        self.step_listeners: list[Callable[[list[int]], None]] = []
+        self._thread = Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def new_job(self, make_utterance: UtteranceFactory, loop: asyncio.AbstractEventLoop) -> SynthesisJob:
-        job = SynthesisJob(self, make_utterance, loop)
+    def new_job(
+        self, runtime: "ModelRuntime", make_utterance: UtteranceFactory, loop: asyncio.AbstractEventLoop
+    ) -> SynthesisJob:
+        job = SynthesisJob(self, runtime, make_utterance, loop)
         with self.condition:
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
@@ -236,7 +78,7 @@ class EngineWorker:
         return job
 
     def submit(self, task: Callable[[], object]) -> Future:
-        """Run ``task`` on the model thread before the next frame; its result comes in the future."""
+        """Run ``task`` on the model thread before the next step; its result comes in the future."""
         future: Future = Future()
         with self.condition:
             if self._stopping:
@@ -250,10 +92,29 @@ class EngineWorker:
         with self.condition:
             return sum(1 for job in self._jobs if not job.done)
 
-    def after_decoding(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on the decode thread once everything submitted before it has run."""
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    @max_batch.setter
+    def max_batch(self, rows: int) -> None:
+        """Most rows of a step, and most chunks of one codec call."""
+        self._max_batch = rows
+        self._decoder.max_batch = rows
+
+    def decode_later(self, chunks: list[ChunkToDecode]) -> None:
+        """Decode chunks on the decode thread, each by its job's deadline, after the job's earlier
+        chunks. A step's chunks go in together, so that they can share codec calls."""
         try:
-            self._decoder.submit(work)
+            self._decoder.submit_all([(c.job.deadline, QueuedWork(c.job, c.group, c, c.chunk.frames)) for c in chunks])
+        except RuntimeError:  # shut down after a stop that timed out: nothing is queued any more
+            for chunk in chunks:
+                decode_chunks([chunk])
+
+    def after_decoding(self, job: SynthesisJob, work: Callable[[], None]) -> None:
+        """Run ``work`` on the decode thread after the job's chunks queued before it."""
+        try:
+            self._decoder.submit(job.deadline, job, work)
         except RuntimeError:  # shut down after a stop that timed out: nothing is queued any more
             work()
 
@@ -262,10 +123,10 @@ class EngineWorker:
             self._stopping = True
             self.condition.notify_all()
         self._thread.join(timeout)
-        self._decoder.shutdown(wait=True)
+        self._decoder.shutdown()
 
-    def _next(self) -> Callable[[], None] | None:
-        """The next unit of work, or None when stopping."""
+    def _next_round(self) -> _Round | None:
+        """What to do before the next step; None when stopping. Waits while there is nothing."""
         with self.condition:
             while True:
                 if self._stopping:
@@ -277,17 +138,27 @@ class EngineWorker:
                         future.cancel()
                     return None
                 if self._tasks:
-                    task, future = self._tasks.popleft()
-                    return lambda: self._run_task(task, future)
+                    return _Round(task=self._tasks.popleft())
+                for job in self._jobs:
+                    job._settle()
                 self._jobs = [job for job in self._jobs if not job.done]
-                runnable = [job for job in self._jobs if job.runnable]
-                if not runnable:
-                    self.condition.wait()
-                    continue
-                job = min(runnable, key=lambda j: (j.deadline, j.id))
-                work = job._take_work()
-                if not job.done:
-                    return lambda: self._run_job(job, work)
+                starting = [job for job in self._jobs if job.needs_prefill]
+                round_ = _Round(
+                    text_news=[job for job in self._jobs if job.has_text_news],
+                    prefill=min(starting, key=lambda j: (j.deadline, j.id)) if starting else None,
+                )
+                if round_.text_news or round_.prefill or any(job.steppable for job in self._jobs):
+                    return round_
+                self.condition.wait()
+
+    def _next_batch(self) -> list[SynthesisJob]:
+        """The rows of the next step: earliest deadlines first, all of one model, at most max_batch."""
+        with self.condition:
+            ready = sorted((job for job in self._jobs if job.steppable), key=lambda j: (j.deadline, j.id))
+        if not ready:
+            return []
+        runtime = ready[0].runtime
+        return [job for job in ready if job.runtime is runtime][: self.max_batch]
 
     @staticmethod
     def _run_task(task: Callable[[], object], future: Future) -> None:
@@ -298,14 +169,45 @@ class EngineWorker:
         except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
             future.set_exception(err)
 
-    def _run_job(self, job: SynthesisJob, work: tuple[str | TextFeed, int] | None) -> None:
+    @staticmethod
+    def _guarded(job: SynthesisJob, work: Callable[[], None]) -> None:
         try:
-            job._run_once(work)
+            work()
         except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
             _LOGGER.exception("Synthesis job %s failed", job.id)
-            with self.condition:
-                job._end(err)
+            job._fail(err)
+
+    def _step(self, batch: list[SynthesisJob]) -> None:
+        runtime = batch[0].runtime
+        try:
+            chunks = runtime.step([job.current for job in batch])
+        except Exception as err:  # noqa: BLE001
+            if len(batch) == 1:
+                _LOGGER.exception("Synthesis job %s failed", batch[0].id)
+                batch[0]._fail(err)
+                return
+            # Whichever row broke it fails alone; the others go on.
+            _LOGGER.warning("A batched step of %d rows failed (%s: %s); retrying each row alone", len(batch), type(err).__name__, err)
+            for job in batch:
+                self._step([job])
+            return
+        for listener in self.step_listeners:
+            listener([job.id for job in batch])
+        to_decode: list[ChunkToDecode] = []
+        for job, chunk in zip(batch, chunks):
+            self._guarded(job, lambda job=job, chunk=chunk: to_decode.extend(job._stepped(chunk)))
+        if to_decode:
+            self.decode_later(to_decode)
 
     def _run(self) -> None:
-        while (unit := self._next()) is not None:
-            unit()
+        while (round_ := self._next_round()) is not None:
+            if round_.task is not None:
+                self._run_task(*round_.task)
+                continue
+            for job in round_.text_news:
+                self._guarded(job, job._take_text)
+            if round_.prefill is not None:
+                self._guarded(round_.prefill, round_.prefill._prefill)
+            batch = self._next_batch()
+            if batch:
+                self._step(batch)

@@ -1,0 +1,173 @@
+"""The codec side of batching: chunks of several streams in one call, the queue that groups them,
+and the matrix-product kernels the codec's widest convolutions use."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wyoming_qwen3tts.engine.codec_kernels import MatmulConv, MatmulTransposedConv, use_matmul_kernel
+from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
+from wyoming_qwen3tts.engine.decode_queue import DecodeQueue
+
+
+def random_codes(frames: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 2048, (frames, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def decoder(custom_voice_model):
+    """A private copy of the tiny codec decoder with our streaming hooks."""
+    return StreamingCodecDecoder(copy.deepcopy(custom_voice_model.model.speech_tokenizer.model.decoder))
+
+
+def test_a_batch_decodes_each_stream_as_it_decodes_alone(decoder):
+    streams = [random_codes(30, seed) for seed in range(3)]
+    states = [decoder.new_state() for _ in streams]
+    together = [[] for _ in streams]
+    # Streams 1 and 2 share three calls; stream 0 arrives late, its first chunk joins the third.
+    calls = [
+        {1: (0, 2), 2: (0, 2)},
+        {1: (2, 6), 2: (2, 6)},
+        {0: (0, 4), 1: (6, 10), 2: (6, 10)},
+    ]
+    for call in calls:
+        rows = sorted(call)
+        waves = decoder.decode_batch([states[i] for i in rows], [streams[i][slice(*call[i])] for i in rows])
+        for i, wave in zip(rows, waves):
+            together[i].append(wave)
+    for i, stream in enumerate(streams):
+        state = decoder.new_state()
+        alone = torch.cat([decoder.decode(state, stream[slice(*call[i])]) for call in calls if i in call])
+        # A batch's convolutions round a little differently: far below one 16-bit step (3e-5).
+        assert torch.allclose(torch.cat(together[i]), alone, atol=1e-4), f"stream {i}"
+
+
+def test_a_failed_batch_leaves_every_stream_where_it_was(decoder, monkeypatch):
+    codes = [random_codes(8, seed) for seed in range(2)]
+    states = [decoder.new_state() for _ in codes]
+    decoder.decode_batch(states, [c[:4] for c in codes])
+    expected = [decoder.decode(s.snapshot(), c[4:]) for s, c in zip(states, codes)]
+    upsample = decoder.decoder.upsample[0][0]
+    original = upsample.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("half-way")
+
+    monkeypatch.setattr(upsample, "forward", broken)
+    with pytest.raises(RuntimeError, match="half-way"):
+        decoder.decode_batch(states, [c[4:] for c in codes])
+    monkeypatch.setattr(upsample, "forward", original)
+    again = decoder.decode_batch(states, [c[4:] for c in codes])
+    for wave, reference in zip(again, expected):
+        assert torch.allclose(wave, reference, atol=1e-4)  # a missing restore is off by far more
+
+
+def test_chunks_of_different_lengths_cannot_share_a_call(decoder):
+    with pytest.raises(ValueError, match="one length"):
+        decoder.decode_batch([decoder.new_state(), decoder.new_state()], [random_codes(2, 0), random_codes(3, 1)])
+
+
+# The queue.
+
+
+def run_queue(items, max_batch=4, max_size=None):
+    """Submit ``items`` (deadline, owner, name, group) while the thread is held; what ran, in order.
+
+    A chunk's size is its group (its frames)."""
+    ran, hold = [], threading.Event()
+    queue = DecodeQueue("test-decode", lambda works: ran.append(sorted(works)), max_batch, max_size)
+    queue.submit(-1.0, "hold", hold.wait)
+    for deadline, owner, name, group in items:
+        if group is None:
+            queue.submit(deadline, owner, lambda name=name: ran.append(name))
+        else:
+            queue.submit(deadline, owner, name, group, size=group)
+    hold.set()
+    queue.shutdown(10)
+    return ran
+
+
+def test_the_earliest_deadline_goes_first():
+    ran = run_queue([(3.0, "a", "a1", None), (1.0, "b", "b1", None), (2.0, "c", "c1", None)])
+    assert ran == ["b1", "c1", "a1"]
+
+
+def test_chunks_of_one_group_from_different_jobs_share_a_call_in_each_job_s_order():
+    ran = run_queue(
+        [
+            (1.0, "a", "a1", 12),
+            (1.0, "a", "a2", 12),  # a's second chunk waits for its first
+            (2.0, "b", "b1", 12),
+            (2.5, "c", "c1", 4),  # another length: its own call
+            (3.0, "d", "d1", 12),
+            (4.0, "a", "a-end", None),
+        ]
+    )
+    assert ran == [["a1", "b1", "d1"], ["a2"], ["c1"], "a-end"]
+
+
+def test_a_batch_takes_at_most_max_batch_chunks():
+    ran = run_queue([(float(i), f"job{i}", f"c{i}", 12) for i in range(5)], max_batch=2)
+    assert ran == [["c0", "c1"], ["c2", "c3"], ["c4"]]
+
+
+def test_a_batch_stays_within_its_total_of_frames():
+    first_chunks = [(float(i), f"job{i}", f"first{i}", 1) for i in range(6)]
+    steady = [(10.0 + i, f"other{i}", f"c{i}", 12) for i in range(3)]
+    ran = run_queue(first_chunks + steady, max_batch=8, max_size=24)
+    assert ran == [[f"first{i}" for i in range(6)], ["c0", "c1"], ["c2"]]
+
+
+# The kernels.
+
+
+@pytest.mark.parametrize(("channels", "out", "kernel", "dilation", "length"), [(64, 48, 7, 1, 20), (32, 32, 7, 3, 40), (16, 24, 1, 1, 9)])
+def test_the_matmul_convolution_equals_pytorch_s(channels, out, kernel, dilation, length):
+    conv = torch.nn.Conv1d(channels, out, kernel, dilation=dilation)
+    x = torch.randn(3, channels, length)
+    with torch.inference_mode():
+        assert torch.allclose(MatmulConv(conv)(x), conv(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(("channels", "out", "kernel", "stride", "length"), [(64, 32, 16, 8, 5), (48, 24, 10, 5, 7), (32, 32, 2, 2, 3)])
+def test_the_matmul_transposed_convolution_equals_pytorch_s(channels, out, kernel, stride, length):
+    conv = torch.nn.ConvTranspose1d(channels, out, kernel, stride=stride)
+    x = torch.randn(2, channels, length)
+    with torch.inference_mode():
+        assert torch.allclose(MatmulTransposedConv(conv)(x), conv(x), atol=1e-5)
+
+
+def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voice_model, monkeypatch):
+    """The tiny codec's layers are too small for the kernels; force them onto every layer."""
+    from wyoming_qwen3tts.engine import codec_kernels
+
+    monkeypatch.setattr(codec_kernels, "MIN_WEIGHTS", 0)
+    tokenizer = copy.deepcopy(custom_voice_model.model.speech_tokenizer)
+    streaming = StreamingCodecDecoder(tokenizer.model.decoder)
+    kernels = [m.conv.forward for m in tokenizer.model.decoder.modules() if hasattr(m, "conv") and hasattr(m.conv, "weight")]
+    assert any(isinstance(k, MatmulConv) for k in kernels) and any(isinstance(k, MatmulTransposedConv) for k in kernels)
+    codes = random_codes(20, 7)
+    reference, _rate = custom_voice_model.model.speech_tokenizer.decode([{"audio_codes": codes}])
+    state = streaming.new_state()
+    ours = torch.cat([streaming.decode(state, codes[a:b]) for a, b in ((0, 1), (1, 3), (3, 7), (7, 20))]).numpy()
+    assert np.abs(ours - reference[0]).max() < 1e-4
+
+
+def test_kernels_are_used_only_where_they_apply():
+    depthwise = torch.nn.Conv1d(512, 512, 7, groups=512)
+    strided = torch.nn.Conv1d(512, 512, 7, stride=2)
+    wide = torch.nn.Conv1d(512, 512, 7)
+    for conv in (depthwise, strided, wide):
+        use_matmul_kernel(conv)
+    assert not isinstance(depthwise.forward, MatmulConv)
+    assert not isinstance(strided.forward, MatmulConv)
+    assert isinstance(wide.forward, MatmulConv)
+    x = torch.randn(1, 512, 200)  # a long input on a mid-size layer: PyTorch's own path
+    with torch.inference_mode():
+        assert torch.equal(wide(x), F.conv1d(x, wide.weight, wide.bias))

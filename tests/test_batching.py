@@ -1,0 +1,321 @@
+"""Continuous batching: concurrent streams share one model step, and each gets what it gets alone.
+
+Float32 matrix products of a batch round differently from a single row's on a CPU (about 1e-5
+here), so a stream's codes in a batch may only part from its codes alone where two candidates
+were all but tied: every divergence must start at a choice whose two best scores lie within
+1e-4. (On the tiny checkpoint no divergence has occurred; the check keeps the test honest on
+machines whose kernels round otherwise.) Int8 rows are exactly batch-invariant by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from helpers import TEXTS, CodeRecorder
+
+from wyoming_qwen3tts.engine import predictor as predictor_module
+from wyoming_qwen3tts.engine import sampling as sampling_module
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.generate import FrameGenerator
+from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
+from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
+from wyoming_qwen3tts.engine.prompt import build_prompt
+from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions, SamplingOptions
+
+GREEDY = SamplingOptions().greedy()
+NEAR_TIE = 1e-4
+FRAMES = 24
+STREAM_TEXTS = TEXTS + ["Set a timer for ten minutes."]
+SPEAKERS = ["ryan", "vivian", "aiden", "serena"]
+
+
+class ChoiceMargins:
+    """The gap between the best and the second-best score of every code chosen, in order."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.margins: list[float] = []
+        original = sampling_module.choose_with_noise
+
+        def recording(logits, noise, temperature, top_k, top_p):
+            if noise is None:
+                scores = logits
+            else:
+                probs = sampling_module.filtered_probabilities(logits, temperature, top_k, top_p)
+                scores = probs.log() - noise.log()
+            top = scores.float().topk(2, dim=-1).values
+            self.margins.extend((top[:, 0] - top[:, 1]).tolist())
+            return original(logits, noise, temperature, top_k, top_p)
+
+        monkeypatch.setattr(sampling_module, "choose_with_noise", recording)
+        monkeypatch.setattr(predictor_module, "choose_with_noise", recording)
+
+
+def prompts(wrapper, count: int = 4):
+    return [build_prompt(wrapper, STREAM_TEXTS[i], PresetSpeaker(SPEAKERS[i]), "english") for i in range(count)]
+
+
+def run_batch(generator: FrameGenerator, prompts_, samplings) -> list[torch.Tensor]:
+    states = [generator.prefill(p, s, FRAMES) for p, s in zip(prompts_, samplings)]
+    codes: list[list[torch.Tensor]] = [[] for _ in states]
+    while not all(s.finished for s in states):
+        for row, frame in zip(codes, generator.step(states)):
+            if frame is not None:
+                row.append(frame)
+    return [torch.stack(row) for row in codes]
+
+
+def assert_same_or_parted_at_a_near_tie(alone: torch.Tensor, batched: torch.Tensor, margins: list[float]) -> None:
+    """``batched`` equals ``alone``, or first differs where the alone run's choice was a near-tie."""
+    if alone.shape == batched.shape and torch.equal(alone, batched):
+        return
+    frames = min(len(alone), len(batched))
+    differing = (alone[:frames] != batched[:frames]).nonzero()
+    assert len(differing), f"same codes but different lengths: {alone.shape} vs {batched.shape}"
+    frame, book = differing[0].tolist()
+    margin = margins[frame * alone.shape[1] + book]
+    assert margin < NEAR_TIE, f"codes part at frame {frame}, codebook {book}, where the choice was clear (margin {margin:.2e})"
+
+
+SETTINGS = {
+    "greedy": lambda defaults: [GREEDY] * 4,
+    "seeded": lambda defaults: [defaults.with_seed(10 + i) for i in range(4)],
+    # Rows with different settings in one batch: each chooses its own way.
+    "mixed": lambda defaults: [
+        GREEDY,
+        defaults.with_seed(11),
+        SamplingOptions(temperature=0.7, top_k=20, repetition_penalty=1.2).with_seed(3),
+        SamplingOptions(top_p=0.8).with_seed(4),
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", SETTINGS)
+def test_each_stream_of_a_batch_gets_the_codes_it_gets_alone(custom_voice_model, kind, monkeypatch):
+    wrapper = custom_voice_model
+    samplings = SETTINGS[kind](SamplingOptions.from_generation_config(wrapper.generate_defaults))
+    generator = FrameGenerator(wrapper.model)
+    texts = prompts(wrapper)
+    assert len({p.prefill.shape[1] for p in texts}) == len(texts), "rows of different lengths, each at its own position"
+    batched = run_batch(generator, texts, samplings)
+    for prompt, sampling, codes in zip(texts, samplings, batched):
+        recorder = ChoiceMargins(monkeypatch)
+        alone = run_batch(generator, [prompt], [sampling])[0]
+        assert alone.shape == (FRAMES, 16)
+        assert_same_or_parted_at_a_near_tie(alone, codes, recorder.margins)
+
+
+def test_int8_rows_give_exactly_the_codes_they_give_alone(checkpoints):
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int8")))
+    defaults = SamplingOptions.from_generation_config(wrapper.generate_defaults)
+    samplings = [defaults.with_seed(20 + i) for i in range(4)]
+    generator = FrameGenerator(wrapper.model)
+    texts = prompts(wrapper)
+    batched = run_batch(generator, texts, samplings)
+    for prompt, sampling, codes in zip(texts, samplings, batched):
+        assert torch.equal(run_batch(generator, [prompt], [sampling])[0], codes)
+
+
+def test_a_prefill_is_one_row_per_position_whatever_its_length(checkpoints):
+    """Int8 prompts take one kernel call for all positions, and equal the row-by-row result."""
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int8")))
+    linear = wrapper.model.talker.codec_head.weights
+    rows = torch.randn(40, linear.in_features)
+    together = linear(rows)
+    assert torch.equal(together, torch.cat([linear(row) for row in rows.split(1)]))
+
+
+# Through the engine's worker.
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    engine = SpeechEngine.load(
+        EngineOptions(model=str(checkpoints["custom_voice"]), stop=StopRules(base_frames=40, frames_per_token=0, max_frames=40), max_batch=4)
+    )
+    yield engine
+    engine.close()
+
+
+class StepRecorder:
+    """The job ids of every batched step, through the worker's public hook."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.steps: list[list[int]] = []
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "StepRecorder":
+        self.engine.worker.step_listeners.append(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.worker.step_listeners.remove(self._record)
+
+    def _record(self, ids: list[int]) -> None:
+        with self.lock:
+            self.steps.append(list(ids))
+
+
+def start(engine, text: str, speaker: str, sampling=GREEDY):
+    job = engine.start(PresetSpeaker(speaker), RequestOptions(sampling=sampling))
+    job.add_text(text)
+    job.finish()
+    return job
+
+
+async def alone_codes(engine, text: str, speaker: str) -> torch.Tensor:
+    with CodeRecorder(engine) as recorder:
+        job = start(engine, text, speaker)
+        [chunk async for chunk in job]
+    return recorder.of(job)
+
+
+async def test_concurrent_requests_share_steps_and_each_gets_its_own_codes(engine):
+    with CodeRecorder(engine) as codes, StepRecorder(engine) as steps:
+        jobs = [start(engine, STREAM_TEXTS[i], SPEAKERS[i]) for i in range(4)]
+        audio = await asyncio.gather(*(_collect(job) for job in jobs))
+    assert max(len(step) for step in steps.steps) == 4, "four streams should share steps"
+    assert len(steps.steps) < 4 * 40, "shared steps: fewer steps than frames"
+    for i, job in enumerate(jobs):
+        assert sum(chunk.frames for chunk in audio[i]) == 40
+        assert torch.equal(codes.of(job), await alone_codes(engine, STREAM_TEXTS[i], SPEAKERS[i]))
+
+
+async def test_max_batch_bounds_the_rows_of_a_step(checkpoints):
+    engine = SpeechEngine.load(
+        EngineOptions(model=str(checkpoints["custom_voice"]), stop=StopRules(base_frames=12, frames_per_token=0, max_frames=12), max_batch=2)
+    )
+    try:
+        with StepRecorder(engine) as steps:
+            jobs = [start(engine, STREAM_TEXTS[i], SPEAKERS[i]) for i in range(4)]
+            audio = await asyncio.gather(*(_collect(job) for job in jobs))
+    finally:
+        engine.close()
+    assert max(len(step) for step in steps.steps) == 2
+    assert all(sum(chunk.frames for chunk in chunks) == 12 for chunks in audio)
+
+
+async def test_a_request_that_arrives_mid_way_joins_the_running_batch(engine):
+    with CodeRecorder(engine) as codes, StepRecorder(engine) as steps:
+        first = start(engine, STREAM_TEXTS[2], "aiden")
+        stream = first.__aiter__()
+        received = [await stream.__anext__()]
+        while codes.frames < 8:
+            received.append(await stream.__anext__())
+        second = start(engine, STREAM_TEXTS[1], "vivian")
+        received += [chunk async for chunk in stream]
+        later = [chunk async for chunk in second]
+    together = [step for step in steps.steps if set(step) == {first.id, second.id}]
+    assert together, "the newcomer should join the first stream's steps"
+    assert steps.steps.index(together[0]) > 0 and any(step == [first.id] for step in steps.steps)
+    assert sum(c.frames for c in received) == 40 and sum(c.frames for c in later) == 40
+    assert torch.equal(codes.of(first), await alone_codes(engine, STREAM_TEXTS[2], "aiden"))
+    assert torch.equal(codes.of(second), await alone_codes(engine, STREAM_TEXTS[1], "vivian"))
+
+
+async def test_a_row_cancelled_mid_batch_leaves_and_the_others_finish_undisturbed(engine):
+    with CodeRecorder(engine) as codes, StepRecorder(engine) as steps:
+        jobs = [start(engine, STREAM_TEXTS[i], SPEAKERS[i]) for i in range(3)]
+        victim = jobs[1]
+        victim_stream = victim.__aiter__()
+        await victim_stream.__anext__()
+        victim.cancel()
+        steps_at_cancel = len(steps.steps)
+        with pytest.raises(JobCancelled):
+            async for _chunk in victim_stream:
+                pass
+        others = await asyncio.gather(*(_collect(job) for job in (jobs[0], jobs[2])))
+    assert all(sum(c.frames for c in chunks) == 40 for chunks in others)
+    assert sum(victim.id in step for step in steps.steps[steps_at_cancel:]) <= 1, "a cancelled row leaves within a step"
+    assert codes.of(victim).shape[0] < 40
+    for i in (0, 2):
+        assert torch.equal(codes.of(jobs[i]), await alone_codes(engine, STREAM_TEXTS[i], SPEAKERS[i]))
+
+
+async def test_a_row_that_breaks_the_step_fails_alone_and_the_others_go_on(engine, caplog):
+    with CodeRecorder(engine) as codes:
+        jobs = [start(engine, STREAM_TEXTS[i], SPEAKERS[i]) for i in range(3)]
+        broken = jobs[0]
+        stream = broken.__aiter__()
+        await stream.__anext__()
+
+        def break_its_history() -> None:
+            cache = broken.current.state.talker_cache
+            cache.keys = cache.keys[..., :1]  # the next write into it fails
+
+        await asyncio.wrap_future(engine.worker.submit(break_its_history))
+        with pytest.raises(RuntimeError):
+            async for _chunk in stream:
+                pass
+        others = await asyncio.gather(*(_collect(job) for job in jobs[1:]))
+    assert all(sum(c.frames for c in chunks) == 40 for chunks in others)
+    assert "retrying each row alone" in caplog.text
+    for i in (1, 2):
+        assert torch.equal(codes.of(jobs[i]), await alone_codes(engine, STREAM_TEXTS[i], SPEAKERS[i]))
+
+
+async def test_a_stream_waiting_for_text_sits_out_and_rejoins(engine):
+    text = "Turn off the kitchen lights, please. It's getting late and I'm tired!"
+    cut = len("Turn off the kit")
+    request = RequestOptions(sampling=GREEDY, non_streaming_mode=False)
+    with CodeRecorder(engine) as codes, StepRecorder(engine) as steps:
+        streaming = engine.start(PresetSpeaker("ryan"), request)
+        streaming.append_text(text[:cut])
+        plain = start(engine, STREAM_TEXTS[3], "serena")
+        plain_audio = asyncio.create_task(_collect(plain))
+        await asyncio.sleep(0.3)  # the streaming row uses up its words, then waits
+        during_stall = len(steps.steps)
+        await asyncio.sleep(0.3)
+        stalled = steps.steps[during_stall:]
+        streaming.append_text(text[cut:])
+        streaming.finish()
+        streamed_audio = [chunk async for chunk in streaming]
+        await plain_audio
+    assert stalled and all(streaming.id not in step for step in stalled), "a row without text sits out"
+    assert any(streaming.id in step for step in steps.steps[during_stall + len(stalled) :]), "and rejoins when text comes"
+    assert sum(c.frames for c in streamed_audio) == codes.of(streaming).shape[0]
+
+    up_front = engine.start(PresetSpeaker("ryan"), request)
+    up_front.append_text(text)
+    up_front.finish()
+    with CodeRecorder(engine) as alone:
+        [chunk async for chunk in up_front]
+    assert torch.equal(codes.of(streaming), alone.of(up_front))
+
+
+async def _collect(job):
+    return [chunk async for chunk in job]
+
+
+async def test_preset_and_clone_rows_never_share_a_step(checkpoints, reference_sample, tmp_path):
+    engine = SpeechEngine.load(
+        EngineOptions(
+            model=str(checkpoints["custom_voice"]),
+            clone_model=str(checkpoints["base"]),
+            data_dir=tmp_path,
+            stop=StopRules(base_frames=16, frames_per_token=0, max_frames=16),
+            max_batch=4,
+        )
+    )
+    try:
+        audio, rate = reference_sample
+        clone = await engine.create_clone_prompt(audio, rate, None)
+        runtime_of = {}
+        with StepRecorder(engine) as steps:
+            jobs = []
+            for i, voice in enumerate([PresetSpeaker("ryan"), clone, PresetSpeaker("vivian"), clone]):
+                job = engine.start(voice, RequestOptions(sampling=GREEDY))
+                job.add_text(STREAM_TEXTS[i])
+                job.finish()
+                runtime_of[job.id] = job.runtime
+                jobs.append(job)
+            audio_out = await asyncio.gather(*(_collect(job) for job in jobs))
+    finally:
+        engine.close()
+    assert all(sum(c.frames for c in chunks) == 16 for chunks in audio_out)
+    assert all(len({id(runtime_of[i]) for i in step}) == 1 for step in steps.steps), "one model per step"
+    assert any(len(step) == 2 for step in steps.steps), "rows of the same model still share steps"

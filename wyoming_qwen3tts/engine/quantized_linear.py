@@ -1,0 +1,197 @@
+"""Linear layers as plain callables x -> y: float weights, or 8-bit and 4-bit kernels.
+
+The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe"):
+
+* int8: fbgemm's int8 linear: per-output-channel weight scales, the activation quantized on the
+  fly with a scale and offset of its own per row (see `Int8Weights`), so a batch of rows, or a
+  whole prompt, takes one call.
+  torchao's int8 configurations were 25-35x slower than this on our AVX2 CPU (no fast kernel
+  there without compiling), so torchao is not used.
+* int4: `torch._weight_int4pack_mm_for_cpu` (weight-only, groups of 32 with scale and zero,
+  bfloat16 activations). On our CPUs it is not faster than int8 and saves memory only.
+
+Projections that read the same input (a layer's q, k and v; its gate and up) can share one
+quantized matrix: one call, and one pass over the input, instead of three or two.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP = 32
+# Activations mapped onto [-1, 1] quantize to 0..126 around 63: seven bits, so that AVX2's 16-bit
+# pairwise sums cannot saturate (what fbgemm's reduce_range is for).
+_SPREAD_SCALE, _SPREAD_ZERO = 1.0 / 63.0, 63
+
+# A linear layer as a callable x -> y.
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def explicit_activation_grid() -> bool:
+    """Whether this machine's int8 engine takes the activation's quantization from the caller."""
+    try:
+        weight = torch.quantize_per_channel(
+            torch.randn(8, 16), torch.full((8,), 0.01, dtype=torch.double), torch.zeros(8, dtype=torch.long), 0, torch.qint8
+        )
+        packed = torch.ops.quantized.linear_prepack(weight, None)
+        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.zeros(2, 16), _SPREAD_SCALE, _SPREAD_ZERO, packed)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+class Int8Weights:
+    """A weight matrix as fbgemm's packed int8, with per-output-channel scales.
+
+    Each row of the input is mapped onto [-1, 1] by its own minimum and maximum and quantized on
+    one fixed grid; the row's offset comes back exactly, as its midpoint times the weight's row
+    sums. So every row has a scale and offset of its own, and since the integer product is exact
+    a row's result never depends on the rows beside it: a batch of streams gives what each
+    stream gives alone. Engines that cannot take the grid from us (qnnpack) get one anchor row
+    of -1 and +1 beside the input, which makes their own choice of grid the same every time.
+    """
+
+    kernel = "fbgemm int8 (per-channel weights, per-row activations)"
+    bits = 8
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        weight = weight.detach().to(torch.float32)
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch.ao's deprecation notice; these are core kernels
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
+        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        # What the quantized weights give for a row of ones: the offset's share of the output.
+        self.row_sums = quantized.dequantize().sum(dim=1)
+        self.out_features, self.in_features = weight.shape
+        self._explicit = explicit_activation_grid()
+        self._anchor = torch.zeros(1, self.in_features)
+        self._anchor[0, 0], self._anchor[0, -1] = -1.0, 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        middle = (high + low) * 0.5
+        half = ((high - low) * 0.5).clamp_min_(torch.finfo(torch.float32).tiny)
+        # Rounding may carry a value a hair past +-1: clamp, so the grid is the same for every row.
+        spread = (rows - middle).div_(half).clamp_(-1.0, 1.0)
+        if self._explicit:
+            out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                spread, _SPREAD_SCALE, _SPREAD_ZERO, self.packed
+            )
+        else:
+            out = torch.ops.quantized.linear_dynamic(torch.cat((spread, self._anchor)), self.packed, True)[: rows.shape[0]]
+        out = torch.addcmul(middle * self.row_sums, out, half)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features + 4 * self.out_features
+
+
+class Int4Weights:
+    """A weight matrix as 4-bit groups with a scale and a zero each, packed for the CPU kernel."""
+
+    kernel = f"torch _weight_int4pack_mm_for_cpu (weight-only, groups of {INT4_GROUP})"
+    bits = 4
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        weight = weight.detach().to(torch.float32)
+        out_features, in_features = weight.shape
+        if in_features % INT4_GROUP:
+            raise ValueError(f"{in_features} inputs are not a multiple of the int4 group ({INT4_GROUP})")
+        groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        # The kernel computes (code - 8) * scale + zero.
+        zeros = low + 8 * scales
+        self.scales_and_zeros = (
+            torch.stack((scales.squeeze(-1), zeros.squeeze(-1)), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        )
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.bias = None if bias is None else bias.detach()
+        self.out_features, self.in_features = out_features, in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features // 2 + 4 * self.out_features * (self.in_features // INT4_GROUP)
+
+
+KERNELS = {"int8": Int8Weights, "int4": Int4Weights}
+
+
+class WeightSlice:
+    """The outputs ``start:stop`` of a matrix fused from several projections of one input."""
+
+    def __init__(self, fused: Int8Weights | Int4Weights, start: int, stop: int) -> None:
+        self.fused, self.start, self.stop = fused, start, stop
+        self.in_features, self.out_features = fused.in_features, stop - start
+
+    @property
+    def nbytes(self) -> int:
+        """This part's share of the fused matrix."""
+        return self.fused.nbytes * self.out_features // self.fused.out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Only the package's own modules call a part alone (the stock path); ours call the whole.
+        return self.fused(x)[..., self.start : self.stop]
+
+
+class QuantizedLinear(torch.nn.Module):
+    """An `nn.Linear` replacement over quantized weights; the package's modules call it as before."""
+
+    def __init__(self, weights: Int8Weights | Int4Weights | WeightSlice) -> None:
+        super().__init__()
+        self.weights = weights
+        self.in_features, self.out_features = weights.in_features, weights.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights(x)
+
+
+def quantized_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the quantized matrices under ``module`` (a fused matrix counts once)."""
+    matrices = {}
+    for child in module.modules():
+        if isinstance(child, QuantizedLinear):
+            weights = child.weights.fused if isinstance(child.weights, WeightSlice) else child.weights
+            matrices[id(weights)] = weights.nbytes
+    return sum(matrices.values())
+
+
+def linear_of(module: torch.nn.Module) -> Linear:
+    """A linear layer as a plain callable ``x -> y``: the quantized kernel, or `F.linear` on its weights."""
+    if isinstance(module, QuantizedLinear):
+        return module.weights
+    weight, bias = module.weight, module.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def projections_of(modules: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Several linear layers of one input as one callable x -> (y1, y2, ...): one call when they
+    were quantized into one matrix, else one call each (float weights stay as the package has them)."""
+    parts = [module.weights if isinstance(module, QuantizedLinear) else None for module in modules]
+    if all(isinstance(p, WeightSlice) for p in parts) and len({id(p.fused) for p in parts}) == 1:
+        fused, sizes = parts[0].fused, [p.out_features for p in parts]
+        if [p.start for p in parts] == [sum(sizes[:i]) for i in range(len(sizes))]:
+            return lambda x: fused(x).split(sizes, dim=-1)
+    linears = [linear_of(module) for module in modules]
+    return lambda x: tuple(linear(x) for linear in linears)
