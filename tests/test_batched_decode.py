@@ -171,3 +171,31 @@ def test_kernels_are_used_only_where_they_apply():
     x = torch.randn(1, 512, 200)  # a long input on a mid-size layer: PyTorch's own path
     with torch.inference_mode():
         assert torch.equal(wide(x), F.conv1d(x, wide.weight, wide.bias))
+
+
+def test_two_threads_never_run_one_job_s_items_at_once_and_keep_their_order():
+    events, overlaps, lock = [], [], threading.Lock()
+    running: set[str] = set()
+
+    def work(owner: str, name: str):
+        def run():
+            with lock:
+                if owner in running:
+                    overlaps.append(name)
+                running.add(owner)
+                events.append(name)
+            threading.Event().wait(0.01)
+            with lock:
+                running.discard(owner)
+
+        return run
+
+    queue = DecodeQueue("test-decode", lambda works: None, threads=2)
+    for i in range(5):
+        for owner in ("a", "b", "c"):
+            queue.submit(float(i), owner, work(owner, f"{owner}{i}"))
+    queue.shutdown(10)
+    assert not overlaps, f"two items of one job at once: {overlaps}"
+    assert len(events) == 15
+    for owner in ("a", "b", "c"):
+        assert [e for e in events if e[0] == owner] == [f"{owner}{i}" for i in range(5)]

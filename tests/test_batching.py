@@ -319,3 +319,17 @@ async def test_preset_and_clone_rows_never_share_a_step(checkpoints, reference_s
     assert all(sum(c.frames for c in chunks) == 16 for chunks in audio_out)
     assert all(len({id(runtime_of[i]) for i in step}) == 1 for step in steps.steps), "one model per step"
     assert any(len(step) == 2 for step in steps.steps), "rows of the same model still share steps"
+
+
+def test_float_weights_of_one_stream_use_the_package_s_kernel_and_a_batch_uses_onednn():
+    from wyoming_qwen3tts.engine.quantized_linear import FloatLinear, onednn_linear
+
+    weight, bias = torch.randn(768, 512) * 0.05, torch.randn(768)
+    linear = FloatLinear(weight, bias)
+    one = torch.randn(1, 3, 512)  # one stream, three positions (a prompt)
+    assert torch.equal(linear(one), torch.nn.functional.linear(one, weight, bias)), "one stream: bit for bit the package's"
+    batch = torch.randn(4, 1, 512)
+    assert torch.allclose(linear(batch), torch.nn.functional.linear(batch, weight, bias), atol=1e-4)
+    if onednn_linear():
+        expected = torch.ops.mkldnn._linear_pointwise(batch, weight, bias, "none", [], "")
+        assert torch.equal(linear(batch), expected), "several streams: oneDNN's product"

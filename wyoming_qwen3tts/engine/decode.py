@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,8 +67,9 @@ class StreamingCodecDecoder:
         )
 
         self.decoder = decoder
-        self._active: list[DecoderState] | None = None  # the rows being decoded
-        self._skips: dict[int, int] = {}  # per transposed convolution: outputs to drop this call
+        # Each decoding thread's own call: the rows it decodes, and per transposed convolution
+        # the outputs to drop. Several threads may decode different streams at once.
+        self._call = threading.local()
         self.timings = StageTimings()  # seconds spent decoding, for benchmarks and monitoring
         for module in decoder.modules():
             if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
@@ -104,7 +106,7 @@ class StreamingCodecDecoder:
             return [torch.zeros(0) for _ in codes]
         started = time.perf_counter()
         saved = [state.snapshot() for state in states]
-        self._active = list(states)
+        self._call.rows, self._call.skips = list(states), {}
         try:
             with torch.inference_mode():
                 batch = torch.stack([c.to(self.device).clamp(min=0).T for c in codes])
@@ -114,7 +116,7 @@ class StreamingCodecDecoder:
                 state.tails, state.kv_cache, state.frames = before.tails, before.kv_cache, before.frames
             raise
         finally:
-            self._active = None
+            self._call.rows = None
         for state in states:
             state.frames += frames
         self.timings.add("codec", time.perf_counter() - started, frames * len(states))
@@ -130,7 +132,7 @@ class StreamingCodecDecoder:
                 decoder.pre_transformer(
                     inputs_embeds=hidden[i : i + 1], past_key_values=self._cache_of(state), use_cache=True
                 ).last_hidden_state
-                for i, state in enumerate(self._active)
+                for i, state in enumerate(self._rows)
             ]
         )
         hidden = hidden.permute(0, 2, 1)
@@ -142,6 +144,11 @@ class StreamingCodecDecoder:
             wav = block(wav)
         return wav.clamp(min=-1, max=1)
 
+    @property
+    def _rows(self) -> list[DecoderState] | None:
+        """The rows this thread is decoding (None outside a decode: the hooks then do nothing)."""
+        return getattr(self._call, "rows", None)
+
     def _cache_of(self, state: DecoderState):
         if state.kv_cache is None:
             from transformers.cache_utils import DynamicCache
@@ -151,7 +158,7 @@ class StreamingCodecDecoder:
 
     def _stacked_tails(self, module, x: torch.Tensor, length: int) -> torch.Tensor | None:
         """The rows' kept inputs of ``module``, each left-filled with zeros to ``length``; None if none kept any."""
-        kept = [state.tails.get(id(module)) for state in self._active]
+        kept = [state.tails.get(id(module)) for state in self._rows]
         if all(tail is None for tail in kept):
             return None
         rows = []
@@ -165,13 +172,13 @@ class StreamingCodecDecoder:
 
     def _keep(self, module, extended: torch.Tensor, length: int) -> None:
         tail = extended[..., max(0, extended.shape[-1] - length) :]
-        for i, state in enumerate(self._active):
+        for i, state in enumerate(self._rows):
             state.tails[id(module)] = tail[i : i + 1]
 
     # Causal convolution: prepend the previous chunk's tail (zeros at first), drop the outputs made for it.
 
     def _conv_before(self, module, args):
-        if self._active is None:
+        if self._rows is None:
             return None
         (x,) = args
         tail = self._stacked_tails(module, x, module.padding)
@@ -182,14 +189,14 @@ class StreamingCodecDecoder:
         return (extended,)
 
     def _conv_after(self, module, args, output):
-        if self._active is None:
+        if self._rows is None:
             return None
         return output[..., module.padding :]
 
     # Transposed convolution: prepend the inputs whose outputs overlap this chunk's.
 
     def _transconv_before(self, module, args):
-        if self._active is None:
+        if self._rows is None:
             return None
         (x,) = args
         kernel, stride = module.conv.kernel_size[0], module.conv.stride[0]
@@ -200,10 +207,10 @@ class StreamingCodecDecoder:
         extended = x if previous is None else torch.cat((previous, x), dim=-1)
         if keep:
             self._keep(module, extended, keep)
-        self._skips[id(module)] = (0 if previous is None else keep) * stride
+        self._call.skips[id(module)] = (0 if previous is None else keep) * stride
         return (extended,)
 
     def _transconv_after(self, module, args, output):
-        if self._active is None:
+        if self._rows is None:
             return None
-        return output[..., self._skips[id(module)] :]
+        return output[..., self._call.skips[id(module)] :]

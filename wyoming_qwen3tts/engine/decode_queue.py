@@ -1,4 +1,4 @@
-"""The decode thread: codec work in deadline order, chunks of several streams decoded together.
+"""The decode threads: codec work in deadline order, chunks of several streams decoded together.
 
 Several streams share one codec thread. First in, first out would make a new request's first
 chunk wait behind every chunk the running streams have queued; instead the work whose listener
@@ -9,6 +9,10 @@ When the first item is a chunk, the next chunks of other jobs that can share its
 codec, same number of frames) come along, up to the batch size and a total of frames: one call
 decodes them all. On a CPU a call pays up to about 24 frames: beyond, its activations no longer
 fit the cache and each frame costs more than alone (BENCHMARKS.md, "codec batches").
+
+With more than one thread, different jobs' chunks decode at the same time (one job's never): on a
+CPU the model's thread runs ahead of the codec while several streams play, and the codec's
+convolutions release the interpreter lock, so a second decode thread puts an idle core to work.
 """
 
 from __future__ import annotations
@@ -32,10 +36,16 @@ class QueuedWork:
 
 
 class DecodeQueue:
-    """One thread that runs submitted work, earliest deadline first (ties: first submitted)."""
+    """Threads that run submitted work, earliest deadline first (ties: first submitted), one
+    owner's items one at a time and in order."""
 
     def __init__(
-        self, name: str, run_batch: Callable[[list[object]], None], max_batch: int = 1, max_size: int | None = None
+        self,
+        name: str,
+        run_batch: Callable[[list[object]], None],
+        max_batch: int = 1,
+        max_size: int | None = None,
+        threads: int = 1,
     ) -> None:
         self.max_batch = max_batch
         self.max_size = max_size  # most total size of one batch (None: no limit)
@@ -44,8 +54,10 @@ class DecodeQueue:
         self._order = itertools.count()
         self._condition = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._running: set[int] = set()  # owners with an item in progress
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, deadline: float, owner: object, work: object, group: Hashable | None = None, size: int = 1) -> None:
         """Queue ``work`` (a callable when ``group`` is None); raises RuntimeError once shut down."""
@@ -64,39 +76,45 @@ class DecodeQueue:
         """Run what is queued, then stop the thread."""
         with self._condition:
             self._closed = True
-            self._condition.notify()
-        self._thread.join(timeout)
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
 
-    def _take(self) -> list[QueuedWork]:
-        """(locked) The earliest item, and the items that may share its batch."""
-        first = heapq.heappop(self._heap)[2]
-        if first.group is None or self.max_batch == 1:
-            return [first]
-        batch, seen, taken, size = [first], {id(first.owner)}, set(), first.size
+    def _take(self) -> list[QueuedWork] | None:
+        """(locked) The earliest runnable item and the items that may share its batch; None if
+        every queued item's owner has one in progress."""
+        batch: list[QueuedWork] = []
+        seen, taken, size = set(self._running), set(), 0
         for entry in sorted(self._heap):
             item = entry[2]
             if id(item.owner) in seen:
-                continue  # not that owner's next item
+                continue  # its owner is busy, or this is not the owner's next item
             seen.add(id(item.owner))
-            if item.group == first.group and (self.max_size is None or size + item.size <= self.max_size):
-                batch.append(item)
-                taken.add(entry[1])
-                size += item.size
-                if len(batch) == self.max_batch:
-                    break
-        if taken:
-            self._heap = [entry for entry in self._heap if entry[1] not in taken]
-            heapq.heapify(self._heap)
+            if batch:
+                if batch[0].group is None or item.group != batch[0].group or len(batch) == self.max_batch:
+                    continue
+                if self.max_size is not None and size + item.size > self.max_size:
+                    continue
+            batch.append(item)
+            taken.add(entry[1])
+            size += item.size
+            if batch[0].group is None:
+                break
+        if not batch:
+            return None
+        self._heap = [entry for entry in self._heap if entry[1] not in taken]
+        heapq.heapify(self._heap)
+        self._running.update(id(item.owner) for item in batch)
         return batch
 
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._heap and not self._closed:
+                while (batch := self._take() if self._heap else None) is None:
+                    if self._closed and not self._heap and not self._running:
+                        self._condition.notify_all()
+                        return
                     self._condition.wait()
-                if not self._heap:
-                    return
-                batch = self._take()
             try:
                 if batch[0].group is None:
                     batch[0].work()
@@ -104,3 +122,7 @@ class DecodeQueue:
                     self._run_batch([item.work for item in batch])
             except Exception:  # noqa: BLE001 - the work reports its own failures; never lose the thread
                 _LOGGER.exception("Decode work failed")
+            finally:
+                with self._condition:
+                    self._running.difference_update(id(item.owner) for item in batch)
+                    self._condition.notify_all()

@@ -14,7 +14,7 @@ import torch
 from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
 from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement
-from .options import CPU_DECODE_FRAMES, EngineOptions
+from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
 from .runtime import ModelRuntime
 from .text_feed import TextFeed
@@ -48,8 +48,11 @@ class SpeechEngine:
         self.runtimes = runtimes
         self.options = options
         device = next(iter(runtimes.values())).frames.device
+        cpu = device.type == "cpu"
         self.worker = EngineWorker(
-            max_batch=options.batch_size(device.type), decode_frames=CPU_DECODE_FRAMES if device.type == "cpu" else None
+            max_batch=options.batch_size(device.type),
+            decode_frames=CPU_DECODE_FRAMES if cpu else None,
+            decode_threads=CPU_DECODE_THREADS if cpu else 1,
         )
         self.clone_cache = ClonePromptCache(options.clone_cache_dir)
         self._clone_identity: str | None = None

@@ -25,6 +25,9 @@ AUTO_BATCH = {"cpu": 8, "cuda": 16}
 # Most frames of one codec call on a CPU, over all the streams it decodes: beyond this the call's
 # activations leave the cache and every frame costs more than alone (BENCHMARKS.md, "codec batches").
 CPU_DECODE_FRAMES = 24
+# Threads that decode different streams' chunks at the same time on a CPU: while several streams
+# play, the model runs ahead of the codec, and a second decode thread uses the core it leaves idle.
+CPU_DECODE_THREADS = 2
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,42 @@ def quantized_bytes(module: torch.nn.Module) -> int:
     return sum(matrices.values())
 
 
+@functools.cache
+def onednn_linear() -> bool:
+    """Whether this PyTorch has oneDNN's linear for CPU tensors."""
+    try:
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 1, 4), torch.zeros(3, 4), None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+class FloatLinear:
+    """Float weights as the package holds them (nothing is copied).
+
+    One stream's rows go through `F.linear`, the package's own kernel, so a stream alone gets the
+    package's very numbers. Rows of several streams (a batch: more than one along the first
+    dimension) go through oneDNN's linear on a CPU: MKL's product for 2 to 8 rows took up to twice
+    as long as for one, oneDNN's reads the weights once for little more (BENCHMARKS.md, "float
+    kernels"). Its results differ from MKL's in rounding only.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._onednn = weight.device.type == "cpu" and weight.numel() >= 2**18 and onednn_linear()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._onednn and x.shape[0] > 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 def linear_of(module: torch.nn.Module) -> Linear:
-    """A linear layer as a plain callable ``x -> y``: the quantized kernel, or `F.linear` on its weights."""
+    """A linear layer as a plain callable ``x -> y``: the quantized kernel, or `FloatLinear` on its weights."""
     if isinstance(module, QuantizedLinear):
         return module.weights
-    weight, bias = module.weight, module.bias
-    return lambda x: F.linear(x, weight, bias)
+    return FloatLinear(module.weight, module.bias)
 
 
 def projections_of(modules: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 
@@ -11,10 +12,12 @@ class StageTimings:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.frames: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()  # decode threads add at the same time
 
     def add(self, stage: str, seconds: float, frames: int = 1) -> None:
-        self.seconds[stage] += seconds
-        self.frames[stage] += frames
+        with self._lock:
+            self.seconds[stage] += seconds
+            self.frames[stage] += frames
 
     def per_frame(self, stage: str) -> float | None:
         frames = self.frames.get(stage, 0)

@@ -49,8 +49,11 @@ class _Round:
 class EngineWorker:
     """Owns the model thread; jobs are created through `new_job`."""
 
-    def __init__(self, max_batch: int = 1, decode_frames: int | None = None, name: str = "qwen3tts-engine") -> None:
-        """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks)."""
+    def __init__(
+        self, max_batch: int = 1, decode_frames: int | None = None, decode_threads: int = 1, name: str = "qwen3tts-engine"
+    ) -> None:
+        """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks);
+        ``decode_threads``: threads that decode different streams' chunks at the same time."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._max_batch = max_batch
@@ -58,7 +61,7 @@ class EngineWorker:
         self._jobs: list[SynthesisJob] = []
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._stopping = False
-        self._decoder = DecodeQueue(f"{name}-decode", decode_chunks, max_batch, decode_frames)
+        self._decoder = DecodeQueue(f"{name}-decode", decode_chunks, max_batch, decode_frames, decode_threads)
         # Called on the model thread with (job id, frames) each time a chunk's frames exist:
         # for tests and diagnostics that need the codes behind the audio.
         self.frame_listeners: list[Callable[[int, CodeChunk], None]] = []
