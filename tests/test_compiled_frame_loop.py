@@ -137,3 +137,26 @@ def test_a_failing_compile_falls_back_to_the_same_codes_with_a_warning(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "RuntimeError: backend exploded" in warnings[0] and "leave out --compile" in warnings[0]
+
+
+def test_a_compiled_batch_gives_the_uncompiled_batch_s_codes(custom_voice_model, compiled_generator, default_sampling):
+    """One compiled graph serves batches of any size from two rows up; each row keeps its own draws."""
+    wrapper = custom_voice_model
+    speakers = ["Ryan", "Vivian", "Aiden"]
+    prompts = [build_prompt(wrapper, TEXTS[i], PresetSpeaker(speakers[i]), "english", non_streaming_mode=True) for i in range(3)]
+    samplings = [default_sampling.with_seed(30 + i) for i in range(3)]
+
+    def batch(generator):
+        states = [generator.prefill(p, s, FRAMES) for p, s in zip(prompts, samplings)]
+        codes = [[] for _ in states]
+        while not all(state.finished for state in states):
+            for row, frame in zip(codes, generator.step(states)):
+                if frame is not None:
+                    row.append(frame)
+        return [torch.stack(row) for row in codes]
+
+    compiled_before = compiled_generator.predictor.compiled_frames
+    ours = batch(compiled_generator)
+    assert compiled_generator.predictor.compiled_frames - compiled_before == 3 * FRAMES, "every row of every step compiled"
+    for compiled, eager in zip(ours, batch(FrameGenerator(wrapper.model))):
+        assert torch.equal(compiled, eager)
