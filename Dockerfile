@@ -1,6 +1,12 @@
-# One image for the Home Assistant add-on and for `docker run --gpus all`: PyTorch's CUDA wheels
-# carry their own CUDA runtime, so the same image uses an NVIDIA GPU where the host exposes one
-# and the CPU everywhere else. Models are downloaded at first start into /data, never baked in.
+# The Home Assistant add-on's image, and the same recipe for a standalone box with a GPU.
+#
+# The add-on always runs on a CPU (Home Assistant's Supervisor passes no NVIDIA GPU), so PyTorch
+# comes from its CPU wheel index by default: about 1 GB, where the CUDA build PyPI serves brings
+# another 5 GB of CUDA libraries. For `docker run --gpus all`, build with a CUDA wheel index:
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t qwen3-tts:cuda .
+# Every other package comes at the exact version requirements/image.lock names, without a
+# resolver run, so two builds install the same files. Models are downloaded at first start into
+# /data, never baked in.
 ARG BUILD_FROM=python:3.11-slim-bookworm
 FROM ${BUILD_FROM}
 
@@ -8,6 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data/huggingface \
+    HF_HUB_DISABLE_PROGRESS_BARS=1 \
     QWEN3TTS_DATA_DIR=/data
 
 # g++: torch.compile (--compile) builds its CPU kernels and Triton's GPU launchers with it.
@@ -16,31 +23,31 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
+COPY requirements ./requirements
 
-# torch first and pinned, then qwen-tts without its dependencies (they pull torchaudio, sox,
-# onnxruntime and gradio, which only its 25 Hz tokenizer and demo use), then this package.
-ARG TORCH_SPEC=torch==2.8.0
-ARG QWEN_TTS_SPEC=qwen-tts==0.1.1
-RUN pip install "${TORCH_SPEC}" \
-    && pip install --no-deps "${QWEN_TTS_SPEC}"
+# The lock first; then torch from its index (its own dependencies are in place already, so only
+# torch comes from there, plus the CUDA libraries of a CUDA build); then, without dependencies,
+# qwen-tts (requirements/no-deps.txt says why) and, below, this project.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# A mirror reached over plain HTTP must be named to be trusted (pip reads PIP_TRUSTED_HOST).
+ARG PIP_TRUSTED_HOST=
+RUN pip install --no-deps -r requirements/image.lock \
+    && pip install --index-url "${TORCH_INDEX}" -r requirements/torch.txt \
+    && pip install --no-deps -r requirements/no-deps.txt
 
-# FlashAttention 2 where a prebuilt wheel matches this torch and CPU; never required.
+# FlashAttention 2 for a CUDA build, where a prebuilt wheel matches it; never required.
 ARG FLASH_ATTN_VERSION=2.8.3
-RUN if [ "$(uname -m)" = "x86_64" ]; then \
-        torch_mm="$(python3 -c 'import torch; print(".".join(torch.__version__.split(".")[:2]))')"; \
-        abi="$(python3 -c 'import torch; print(str(torch._C._GLIBCXX_USE_CXX11_ABI).upper())')"; \
-        wheel="flash_attn-${FLASH_ATTN_VERSION}+cu12torch${torch_mm}cxx11abi${abi}-cp311-cp311-linux_x86_64.whl"; \
-        pip install "https://github.com/Dao-AILab/flash-attention/releases/download/v${FLASH_ATTN_VERSION}/${wheel}" \
-            || echo "No prebuilt FlashAttention 2 wheel for torch ${torch_mm}: the server uses sdpa"; \
-    fi
+COPY script/install-flash-attention ./script/
+RUN FLASH_ATTN_VERSION="${FLASH_ATTN_VERSION}" python3 script/install-flash-attention
 
 COPY pyproject.toml README.md ./
 COPY wyoming_qwen3tts ./wyoming_qwen3tts
-RUN pip install .
+RUN pip install --no-deps .
 
 COPY run.sh /run.sh
 
 EXPOSE 10200
+# A first start downloads the model (minutes); the health check waits up to 30 minutes for it.
 HEALTHCHECK --interval=30s --timeout=15s --start-period=30m --retries=3 \
     CMD python3 -m wyoming_qwen3tts.addon healthcheck || exit 1
 

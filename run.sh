@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the server. Under Home Assistant the add-on's options (/data/options.json) become its
-# command line and the Supervisor is told where to find it; under plain `docker run` the
-# QWEN3TTS_* environment variables configure it. RUN_SH_EXEC replaces the final command (tests).
+# command line, and the server itself tells the Supervisor where to find it; under plain
+# `docker run` the QWEN3TTS_* environment variables configure it. RUN_SH_EXEC replaces the
+# final command (tests).
 set -euo pipefail
 
 options="${ADDON_OPTIONS:-/data/options.json}"
@@ -11,8 +12,6 @@ if [[ -f "${options}" ]]; then
     python3 -m wyoming_qwen3tts.addon args "${options}" > "${args_file}"
     mapfile -d '' -t args < "${args_file}"
     rm -f "${args_file}"
-    # Waits until the server answers, then posts the wyoming discovery to the Supervisor.
-    python3 -m wyoming_qwen3tts.addon discover &
 fi
 
 exec ${RUN_SH_EXEC:-python3 -m wyoming_qwen3tts} "${args[@]}"

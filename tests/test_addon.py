@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tomllib
@@ -21,6 +22,7 @@ from helpers import ServerThread
 
 from wyoming_qwen3tts import __version__
 from wyoming_qwen3tts.addon.discovery import announce
+from wyoming_qwen3tts.addon.options import WYOMING_PORT
 from wyoming_qwen3tts.addon.healthcheck import describe
 from wyoming_qwen3tts.clone_voices import read_voices_file
 from wyoming_qwen3tts.engine.engine import SpeechEngine
@@ -163,6 +165,7 @@ def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "--uri", "tcp://0.0.0.0:10200",
+        "--supervisor-discovery", "http://supervisor",
         "--data-dir", "/data",
         "--model", "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice",
         "--clone-model", "Qwen/Qwen3-TTS-12Hz-0.6B-Base",
@@ -240,26 +243,62 @@ def test_run_sh_stops_with_a_clear_message_for_an_empty_custom_model(tmp_path):
     assert result.stdout == ""
 
 
-def test_dockerfile_installs_what_pyproject_and_script_setup_install():
+def requirement_lines(path: Path) -> list[Requirement]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line and not line.startswith("#")]
+
+
+def test_one_file_names_the_torch_version_and_every_install_takes_it_from_there():
+    (torch,) = requirement_lines(ROOT / "requirements" / "torch.txt")
+    assert torch.name == "torch" and str(torch.specifier).startswith("==")
+    declared = next(Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if r.startswith("torch"))
+    assert declared.specifier.contains(next(iter(torch.specifier)).version)
+
     dockerfile = (ROOT / "Dockerfile").read_text()
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     setup = (ROOT / "script" / "setup").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    build = yaml.safe_load((ROOT / "build.yaml").read_text())
+    assert 'pip install --index-url "${TORCH_INDEX}" -r requirements/torch.txt' in dockerfile
+    assert "-r requirements/torch.txt" in setup and "script/setup" in ci
+    # The add-on's builds, on both architectures, take PyTorch's CPU wheels.
+    assert set(build["build_from"]) == set(CONFIG["arch"])
+    assert build["args"]["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    assert re.search(r"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu$", dockerfile, re.M)
+    for name, text in (("Dockerfile", dockerfile), ("script/setup", setup), (".ci/run", ci), ("build.yaml", yaml.safe_dump(build))):
+        assert not re.search(r"torch\s*[=<>~]=", text), f"{name} names a torch version of its own"
 
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
-    qwen_pin = re.search(r'"qwen-tts==([\d.]+)"', setup).group(1)
-    assert args["QWEN_TTS_SPEC"] == f"qwen-tts=={qwen_pin}"
-    assert "--no-deps" in dockerfile and '--no-deps "${QWEN_TTS_SPEC}"' in dockerfile
 
-    torch = Requirement(args["TORCH_SPEC"])
-    declared = next(Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("torch"))
-    pinned = next(iter(torch.specifier)).version
-    assert declared.specifier.contains(pinned), f"{pinned} is outside pyproject's {declared.specifier}"
+def test_the_image_installs_the_lock_without_a_resolver_and_in_an_order_that_cannot_conflict():
+    lock = requirement_lines(ROOT / "requirements" / "image.lock")
+    pinned = {r.name.lower().replace("_", "-"): next(iter(r.specifier)).version for r in lock}
+    assert all(str(r.specifier).startswith("==") for r in lock), "every package at one exact version"
+    assert not {"torch", "qwen-tts", "wyoming-qwen3tts"} & pinned.keys()
+    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(requirement)
+        name = requirement.name.lower().replace("_", "-")
+        if name == "torch":
+            continue
+        assert name in pinned, f"{name} is not in the lock: run script/lock"
+        assert requirement.specifier.contains(pinned[name]), f"the lock's {name} {pinned[name]} is outside {requirement.specifier}"
+    assert (ROOT / "requirements" / "no-deps.txt").read_text().count("qwen-tts==") == 1
 
-    installs = re.findall(r"pip install (\S+)\s*$", dockerfile, re.M)
-    assert installs == ["."], "the package itself, with the same (no) extras as the server install"
-    assert '"${TORCH_SPEC}"' in dockerfile
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    steps = [
+        "pip install --no-deps -r requirements/image.lock",
+        'pip install --index-url "${TORCH_INDEX}" -r requirements/torch.txt',
+        "pip install --no-deps -r requirements/no-deps.txt",
+        "pip install --no-deps .",
+    ]
+    positions = [dockerfile.index(step) for step in steps]
+    assert positions == sorted(positions), "lock, torch, then what must not bring its dependencies"
+    assert len(re.findall(r"pip install", dockerfile)) == len(steps), "nothing else resolves at build time"
     assert "HEALTHCHECK" in dockerfile and "wyoming_qwen3tts.addon healthcheck" in dockerfile
-    assert "/data" in dockerfile and "huggingface-cli download" not in dockerfile and "snapshot_download" not in dockerfile
+    assert "HF_HUB_DISABLE_PROGRESS_BARS=1" in dockerfile, "download progress as log lines, not bars"
+
+
+def test_the_watchdog_watches_the_wyoming_port():
+    assert CONFIG["watchdog"] == f"tcp://[HOST]:[PORT:{WYOMING_PORT}]"
+    assert f"{WYOMING_PORT}/tcp" in CONFIG["ports"]
 
 
 @pytest.fixture(scope="module")
@@ -278,31 +317,64 @@ async def test_healthcheck_answers_true_only_when_the_server_describes_itself(wy
     assert not await describe("127.0.0.1", free_port(), timeout=2)
 
 
-async def test_discovery_is_posted_to_the_supervisor_once_the_server_answers(wyoming_server):
-    received = []
+class FakeSupervisor:
+    """The Supervisor's discovery endpoint on loopback, refusing the first ``refusals`` posts."""
 
-    async def discovery(request: web.Request) -> web.Response:
-        received.append((request.headers.get("Authorization"), await request.json()))
-        return web.json_response({"result": "ok", "data": {"uuid": "x"}})
+    def __init__(self, refusals: int = 0) -> None:
+        self.refusals = refusals
+        self.received: list[tuple[str | None, dict]] = []
 
-    app = web.Application()
-    app.router.add_post("/discovery", discovery)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        ok = await announce(wyoming_server.port, f"http://127.0.0.1:{port}", "secret-token", host="addon-host", wait=30)
-    finally:
-        await runner.cleanup()
-    assert ok
-    assert received == [
-        ("Bearer secret-token", {"service": "wyoming", "config": {"uri": f"tcp://addon-host:{wyoming_server.port}"}})
+    async def __aenter__(self) -> "FakeSupervisor":
+        async def discovery(request: web.Request) -> web.Response:
+            self.received.append((request.headers.get("Authorization"), await request.json()))
+            if len(self.received) <= self.refusals:
+                return web.json_response({"result": "error", "message": "Supervisor is restarting"}, status=503)
+            return web.json_response({"result": "ok", "data": {"uuid": "x"}})
+
+        app = web.Application()
+        app.router.add_post("/discovery", discovery)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+async def test_discovery_is_retried_until_the_supervisor_accepts_it(caplog):
+    caplog.set_level("INFO")
+    async with FakeSupervisor(refusals=2) as supervisor:
+        await asyncio.wait_for(
+            announce(supervisor.url, "secret-token", 10200, host="addon-host", first_pause=0.05), timeout=10
+        )
+    expected = ("Bearer secret-token", {"service": "wyoming", "config": {"uri": "tcp://addon-host:10200"}})
+    assert supervisor.received == [expected] * 3
+    assert "trying again" in caplog.text and "Told Home Assistant where this server is" in caplog.text
+
+
+async def test_the_add_on_server_announces_itself_once_it_listens(wyoming_server, monkeypatch):
+    monkeypatch.setenv("SUPERVISOR_TOKEN", "add-on-token")
+    async with FakeSupervisor() as supervisor:
+        settings = Settings.from_args(["--supervisor-discovery", supervisor.url], {})
+        server = ServerThread(settings, wyoming_server.engine)
+        try:
+            for _ in range(100):
+                if supervisor.received:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            server.stop()
+    assert supervisor.received == [
+        ("Bearer add-on-token", {"service": "wyoming", "config": {"uri": f"tcp://{socket.gethostname()}:{server.port}"}})
     ]
 
 
-async def test_discovery_gives_up_when_the_server_never_answers():
-    from helpers import free_port
-
-    assert not await asyncio.wait_for(announce(free_port(), "http://127.0.0.1:9", "t", wait=1.5), timeout=20)
+def test_run_sh_leaves_no_process_behind_it():
+    """Discovery runs in the server's own process: run.sh starts nothing in the background."""
+    script = (ROOT / "run.sh").read_text()
+    commands = [line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert not any(re.search(r"&\s*$", line) for line in commands)
+    assert commands[-1].startswith("exec ")

@@ -76,6 +76,32 @@ def test_hub_id_that_cannot_be_fetched_gives_one_clear_error(tmp_path, env):
     assert time.monotonic() - started < 120
 
 
+def test_in_the_add_on_the_advice_points_to_the_share_folder_and_the_custom_option(tmp_path):
+    result = run_python(SPEAK_ONE_SENTENCE, HUB_ID, str(tmp_path / "models"), env={**NO_NETWORK, "SUPERVISOR_TOKEN": "t"})
+    assert result.returncode == 3, result.stdout + result.stderr
+    message = result.stdout.split("UNAVAILABLE:")[1]
+    name = HUB_ID.split("/")[1]
+    assert f"/share/qwen3tts/models/{name}" in message
+    assert "Model option to 'custom'" in message and "Custom model" in message
+    assert "copy the folder here" not in message
+
+
+def test_a_download_reports_its_progress_against_the_repository_size(tmp_path, caplog):
+    from wyoming_qwen3tts.engine.download_progress import DownloadProgress
+
+    folder = tmp_path / "models--Qwen--X"
+    (folder / "blobs").mkdir(parents=True)
+    progress = DownloadProgress("Qwen/X", folder, total=4 * 2**20, interval=0.05)
+    (folder / "blobs" / "a.incomplete").write_bytes(b"\0" * 2**20)
+    assert progress.line() == "Downloading Qwen/X: 1 of 4 MiB (25 %)"
+    caplog.set_level("INFO")
+    with progress:
+        (folder / "blobs" / "b").write_bytes(b"\0" * 2**21)
+        time.sleep(0.3)
+    assert "Downloading Qwen/X: 3 of 4 MiB (75 %)" in caplog.text
+    assert DownloadProgress("Qwen/X", folder, total=None).line() == "Downloading Qwen/X: 3 MiB so far"
+
+
 def test_a_downloaded_hub_id_loads_from_the_data_folder_without_network(checkpoints, tmp_path, monkeypatch):
     # The layout huggingface_hub leaves behind after a completed download.
     repo = tmp_path / "models" / ("models--" + HUB_ID.replace("/", "--"))

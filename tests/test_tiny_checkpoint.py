@@ -75,3 +75,49 @@ def test_real_size_config_builds_a_model_of_the_published_size(tmp_path, kind, p
     if kind == "custom_voice":
         talker = config["talker_config"]
         assert talker["spk_id"]["ryan"] == 3061 and talker["spk_is_dialect"]["dylan"] == "beijing_dialect"
+
+
+def test_configs_hold_every_setting_of_the_package_s_config_classes_and_the_published_extras(checkpoints):
+    """Other engines' converters read the published files whole; ours must not lack a key."""
+    import_qwen_tts()
+    from qwen_tts.core.models.configuration_qwen3_tts import (
+        Qwen3TTSConfig,
+        Qwen3TTSSpeakerEncoderConfig,
+        Qwen3TTSTalkerCodePredictorConfig,
+        Qwen3TTSTalkerConfig,
+    )
+    from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import (
+        Qwen3TTSTokenizerV2Config,
+        Qwen3TTSTokenizerV2DecoderConfig,
+    )
+    from safetensors import safe_open
+    from transformers import MimiConfig
+
+    from wyoming_qwen3tts.dev.published_layout import class_defaults
+
+    folder = checkpoints["custom_voice"]
+    config = json.loads((folder / "config.json").read_text())
+    codec = json.loads((folder / "speech_tokenizer" / "config.json").read_text())
+    sections = [
+        (config, Qwen3TTSConfig),
+        (config["talker_config"], Qwen3TTSTalkerConfig),
+        (config["talker_config"]["code_predictor_config"], Qwen3TTSTalkerCodePredictorConfig),
+        (config["speaker_encoder_config"], Qwen3TTSSpeakerEncoderConfig),
+        (codec, Qwen3TTSTokenizerV2Config),
+        (codec["encoder_config"], MimiConfig),
+        (codec["decoder_config"], Qwen3TTSTokenizerV2DecoderConfig),
+    ]
+    for section, config_class in sections:
+        expected = {name for name, default in class_defaults(config_class).items() if default is not None}
+        assert expected <= section.keys(), f"{config_class.__name__} lacks {sorted(expected - section.keys())}"
+
+    talker = config["talker_config"]
+    assert talker["position_id_per_seconds"] == 13 and talker["model_type"] == "qwen3_tts_talker"
+    assert talker["code_predictor_config"]["model_type"] == "qwen3_tts_talker_code_predictor"
+    tokenizer = write_text_tokenizer(folder.parent / "tokenizer-probe")
+    assert config["assistant_token_id"] == tokenizer.assistant
+    decoder = codec["decoder_config"]
+    assert decoder["num_semantic_quantizers"] == 1 and decoder["vector_quantization_hidden_dimension"] == decoder["codebook_dim"]
+    assert codec["encoder_config"]["_frame_rate"] == 12.5
+    with safe_open(folder / "speech_tokenizer" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}, "the codec ships in float32"

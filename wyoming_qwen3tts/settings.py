@@ -93,6 +93,7 @@ def from_namespace(args: argparse.Namespace) -> Settings:
             zeroconf_name=args.zeroconf or None,
             zeroconf_host=args.zeroconf_host or None,
             streaming=not args.no_streaming,
+            supervisor_url=args.supervisor_discovery or None,
         ),
         requests=RequestLayerOptions(
             max_text_chars=args.max_text_length,
@@ -158,6 +159,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help=f"announce the server by zeroconf, under NAME (default: {DEFAULT_ZEROCONF_NAME})",
     )
     option("--zeroconf-host", help="address to announce (default: this host's LAN address)")
+    option(
+        "--supervisor-discovery",
+        metavar="URL",
+        help="tell Home Assistant's Supervisor at URL where this server is (set by the add-on)",
+    )
     option("--engine", "local", choices=("local", "remote"), help="local: run the model here; remote: use OpenAI-compatible speech servers (vLLM-Omni)")
     remote_urls = environ.get(env_name("--remote-url"))
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""python -m wyoming_qwen3tts.addon args|discover|healthcheck (used by run.sh and the image)."""
+"""python -m wyoming_qwen3tts.addon args|healthcheck (used by run.sh and the image)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-from .discovery import announce
 from .healthcheck import describe
 from .options import WYOMING_PORT, OptionsError, options_to_args, read_options
 
@@ -19,9 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     args_cmd = commands.add_parser("args", help="print the server arguments for an options.json, NUL-separated")
     args_cmd.add_argument("options", type=Path)
-    discover = commands.add_parser("discover", help="announce the server to Home Assistant via the Supervisor")
-    discover.add_argument("--port", type=int, default=WYOMING_PORT)
-    discover.add_argument("--supervisor", default=os.environ.get("SUPERVISOR_URL", "http://supervisor"))
     health = commands.add_parser("healthcheck", help="exit 0 when the server answers describe")
     health.add_argument("--port", type=int, default=int(os.environ.get("QWEN3TTS_HEALTH_PORT", WYOMING_PORT)))
     args = parser.parse_args(argv)
@@ -35,12 +31,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sys.stdout.write("".join(f"{arg}\0" for arg in server_args))
         return 0
-    if args.command == "discover":
-        token = os.environ.get("SUPERVISOR_TOKEN")
-        if not token:
-            print("No SUPERVISOR_TOKEN: not running as a Home Assistant add-on, nothing to announce", file=sys.stderr)
-            return 0
-        return 0 if asyncio.run(announce(args.port, args.supervisor, token)) else 1
     return 0 if asyncio.run(describe("127.0.0.1", args.port)) else 1
 
 

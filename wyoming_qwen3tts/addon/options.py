@@ -16,6 +16,7 @@ HTTP_PORT = 10201
 DATA_DIR = "/data"
 VOICES_DIR = "/share/qwen3tts"
 CUSTOM = "custom"
+SUPERVISOR_URL = "http://supervisor"
 
 
 class OptionsError(ValueError):
@@ -84,6 +85,7 @@ def options_to_args(options: dict[str, Any], options_path: Path) -> list[str]:
     """Server arguments for these add-on options."""
     args = [
         "--uri", f"tcp://0.0.0.0:{WYOMING_PORT}",
+        "--supervisor-discovery", SUPERVISOR_URL,
         "--data-dir", DATA_DIR,
         "--model", _model(options, "model", "custom_model"),
         "--clone-model", _model(options, "clone_model", "custom_clone_model"),

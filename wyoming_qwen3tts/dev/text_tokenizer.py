@@ -42,6 +42,7 @@ class TinyTokenIds:
     tts_pad: int
     tts_bos: int
     tts_eos: int
+    assistant: int  # the role word of the chat template (the published configs name its id)
     vocab_size: int
 
 
@@ -91,5 +92,6 @@ def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TinyTokenIds:
         tts_pad=ids["<tts_pad>"],
         tts_bos=ids["<tts_text_bos>"],
         tts_eos=ids["<tts_text_eod>"],
+        assistant=fast("assistant")["input_ids"][0],
         vocab_size=len(fast),
     )

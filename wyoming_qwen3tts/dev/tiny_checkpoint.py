@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..engine.qwen_import import import_qwen_tts
+from .published_layout import complete_codec_config, complete_model_config
 from .text_tokenizer import TinyTokenIds, write_text_tokenizer
 
 KINDS = ("custom_voice", "base")
@@ -267,10 +268,11 @@ def build_checkpoint(out: Path, kind: str = "custom_voice", size: str = "tiny", 
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # HF initialisers draw from the global generator
+    # As published: the model in bfloat16, the codec in float32.
     save_dtype = torch.bfloat16 if size == "real-0.6b" else torch.float32
 
     ids = write_text_tokenizer(out)
-    config_dict = model_config(kind, size, ids)
+    config_dict = complete_model_config(model_config(kind, size, ids), ids.assistant)
     config = Qwen3TTSConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
     model = Qwen3TTSForConditionalGeneration(config)
     if size == "tiny":
@@ -284,13 +286,13 @@ def build_checkpoint(out: Path, kind: str = "custom_voice", size: str = "tiny", 
 
     codec_dir = out / "speech_tokenizer"
     codec_dir.mkdir(exist_ok=True)
-    codec_dict = speech_tokenizer_config(size)
+    codec_dict = complete_codec_config(speech_tokenizer_config(size))
     codec_config = Qwen3TTSTokenizerV2Config(
         **{k: v for k, v in codec_dict.items() if k not in ("architectures", "model_type")}
     )
     codec = Qwen3TTSTokenizerV2Model(codec_config)
     _make_codec_audible(codec, generator)
-    codec.to(save_dtype).save_pretrained(str(codec_dir), safe_serialization=True)
+    codec.to(torch.float32).save_pretrained(str(codec_dir), safe_serialization=True)
     (codec_dir / "config.json").write_text(json.dumps(codec_dict, indent=2), encoding="utf-8")
     (codec_dir / "preprocessor_config.json").write_text(
         json.dumps(PREPROCESSOR_CONFIG, indent=2), encoding="utf-8"

@@ -72,7 +72,7 @@ class SpeechEngine:
         for role, name in ((CUSTOM_VOICE, options.model), (BASE, options.clone_model)):
             if not name:
                 continue
-            folder = resolve_checkpoint(name, options.models_dir)
+            folder = resolve_checkpoint(name, options.models_dir, role="model" if role == CUSTOM_VOICE else "clone model")
             wrapper = load_model(folder, placement, options.load.text_embedding_on_cpu)
             kind = wrapper.model.tts_model_type
             if kind != role:

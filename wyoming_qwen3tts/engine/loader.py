@@ -1,8 +1,8 @@
 """Loading Qwen3-TTS checkpoints through the official package.
 
-A model is named by a local folder or a Hugging Face hub id. A hub id is downloaded once, with
-progress bars, into the data folder and loaded from there on every later start, without
-touching the network. Device, dtype and attention implementation are chosen here.
+A model is named by a local folder or a Hugging Face hub id. A hub id is downloaded once into the
+data folder (its progress logged every few seconds) and loaded from there on every later start,
+without touching the network. Device, dtype and attention implementation are chosen here.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..speech import BackendUnavailableError
+from .download_progress import DownloadProgress, repository_bytes
 from .options import LoadOptions
 from .quantize import quantize_talker, resolve_mode
 from .quantized_linear import quantized_bytes
@@ -106,11 +107,27 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
-def resolve_checkpoint(model: str, models_dir: Path, offline: bool | None = None) -> Path:
+def how_to_provide(model: str, role: str = "model") -> str:
+    """What to do when ``model`` cannot be downloaded here; ``role`` is "model" or "clone model"."""
+    name = model.rstrip("/").split("/")[-1]
+    if os.environ.get("SUPERVISOR_TOKEN"):  # the Home Assistant add-on: /data is out of the user's reach
+        option = "Model" if role == "model" else "Clone model"
+        return (
+            f"Download it on a computer with internet access (`hf download {model} --local-dir {name}`), copy "
+            f"the folder {name} into /share/qwen3tts/models/ (the Samba share or the SSH add-on reach /share), "
+            f"then set the add-on's {option} option to 'custom' and Custom {role} to /share/qwen3tts/models/{name}."
+        )
+    return (
+        f"Download it on a machine with internet access (`hf download {model} --local-dir {name}`), copy the "
+        f"folder to this machine and give its path instead of the hub id (--{role.replace(' ', '-')} /path/to/{name})."
+    )
+
+
+def resolve_checkpoint(model: str, models_dir: Path, offline: bool | None = None, role: str = "model") -> Path:
     """The local folder of ``model``: the folder itself, or a hub id's copy under ``models_dir``.
 
-    A hub id not yet on disk is downloaded (huggingface_hub shows progress bars). Without
-    network, or with HF_HUB_OFFLINE=1, a missing model raises ModelUnavailableError.
+    A hub id not yet on disk is downloaded, its progress logged. Without network, or with
+    HF_HUB_OFFLINE=1, a missing model raises ModelUnavailableError saying what to do.
     """
     as_path = Path(model).expanduser()
     if as_path.is_dir():
@@ -140,15 +157,16 @@ def resolve_checkpoint(model: str, models_dir: Path, offline: bool | None = None
     except Exception:  # noqa: BLE001 - not cached yet (or cached partially)
         pass
 
-    how_to = (
-        f"Download it on a machine with internet access (`hf download {model} --local-dir "
-        f"/some/folder`), copy the folder here and set the model option to that folder."
-    )
+    how_to = how_to_provide(model, role)
     if offline:
         raise ModelUnavailableError(f"Model {model} is not in {cache_dir} and HF_HUB_OFFLINE is set. {how_to}")
-    _LOGGER.info("Downloading %s into %s (once; later starts load it from there)", model, cache_dir)
+    total = repository_bytes(model)
+    size = f" ({total / 2**30:.1f} GiB)" if total else ""
+    _LOGGER.info("Downloading %s%s into %s: once, later starts load it from there", model, size, cache_dir)
     try:
-        folder = Path(snapshot_download(model, cache_dir=cache_dir))
+        repo_folder = cache_dir / f"models--{model.replace('/', '--')}"
+        with DownloadProgress(model, repo_folder, total):
+            folder = Path(snapshot_download(model, cache_dir=cache_dir))
     except Exception as err:  # noqa: BLE001 - network, auth, disk: the user needs the same advice
         raise ModelUnavailableError(
             f"Model {model} is not in {cache_dir} and could not be downloaded "
