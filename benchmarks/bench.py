@@ -207,7 +207,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    text = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM"
+    # The same VM name has come with AVX2 and with AVX-512: PyTorch's kernels differ between them.
+    text = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, {memory:.0f} GiB RAM"
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(0)}"
     return text

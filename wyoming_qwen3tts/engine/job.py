@@ -197,14 +197,13 @@ class SynthesisJob:
         self.runtime.prepare(self.current)
         self._after_work()
 
-    def _stepped(self, chunk: CodeChunk | None) -> list["ChunkToDecode"]:
-        """After a step: the complete chunk to decode (if any); closes a finished utterance."""
-        utterance = self.current
-        to_decode = []
+    def _stepped(self, chunk: CodeChunk | None) -> "ChunkToDecode | None":
+        """After a step: the chunk to decode, if the step completed one; closes a finished utterance."""
+        to_decode = None
         if chunk is not None:
             for listener in self._worker.frame_listeners:
                 listener(self.id, chunk)
-            to_decode.append(ChunkToDecode(self, utterance, chunk))
+            to_decode = ChunkToDecode(self, self.current, chunk)
         self._after_work()
         return to_decode
 

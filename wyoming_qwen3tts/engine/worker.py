@@ -173,12 +173,14 @@ class EngineWorker:
             future.set_exception(err)
 
     @staticmethod
-    def _guarded(job: SynthesisJob, work: Callable[[], None]) -> None:
+    def _guarded(job: SynthesisJob, work: Callable[[], object]) -> object:
+        """``work``'s result; None when it failed, which fails only ``job``."""
         try:
-            work()
+            return work()
         except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
             _LOGGER.exception("Synthesis job %s failed", job.id)
             job._fail(err)
+            return None
 
     def _step(self, batch: list[SynthesisJob]) -> None:
         runtime = batch[0].runtime
@@ -196,11 +198,9 @@ class EngineWorker:
             return
         for listener in self.step_listeners:
             listener([job.id for job in batch])
-        to_decode: list[ChunkToDecode] = []
-        for job, chunk in zip(batch, chunks):
-            self._guarded(job, lambda job=job, chunk=chunk: to_decode.extend(job._stepped(chunk)))
-        if to_decode:
-            self.decode_later(to_decode)
+        to_decode = [self._guarded(job, lambda job=job, chunk=chunk: job._stepped(chunk)) for job, chunk in zip(batch, chunks)]
+        if any(to_decode):
+            self.decode_later([item for item in to_decode if item is not None])
 
     def _run(self) -> None:
         while (round_ := self._next_round()) is not None:
