@@ -333,3 +333,13 @@ def test_float_weights_of_one_stream_use_the_package_s_kernel_and_a_batch_uses_o
     if onednn_linear():
         expected = torch.ops.mkldnn._linear_pointwise(batch, weight, bias, "none", [], "")
         assert torch.equal(linear(batch), expected), "several streams: oneDNN's product"
+
+
+def test_unseeded_rows_draw_exponential_noise_and_seeded_rows_the_stock_numbers():
+    from wyoming_qwen3tts.engine.sampling import ExponentialNoise
+
+    cheap = ExponentialNoise(torch.Generator().manual_seed(1), stock_stream=False).fill(torch.empty(200_000))
+    assert cheap.min() > 0, "a zero would let a suppressed code win"
+    assert abs(cheap.mean().item() - 1.0) < 0.01 and abs(cheap.var().item() - 1.0) < 0.03  # Exp(1)
+    stock = ExponentialNoise(torch.Generator().manual_seed(2), stock_stream=True).fill(torch.empty(1000))
+    assert torch.equal(stock, torch.empty(1000).exponential_(generator=torch.Generator().manual_seed(2)))

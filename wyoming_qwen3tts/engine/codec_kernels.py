@@ -8,7 +8,8 @@ convolution before it (1024 to 1536 channels, kernel 7) 30 ms for a 12-frame chu
 matrix product over the weights as they are stored (with an overlap-add for the transposed
 one) they take 9 and 14 ms. Narrow layers with longer inputs stay with oneDNN, which is faster
 there; small models keep PyTorch's own call, which costs less Python. Results equal the
-convolutions' up to float rounding. Figures: BENCHMARKS.md, "codec kernels".
+convolutions' up to float rounding. Figures: BENCHMARKS.md, "codec kernels and batches"
+(`benchmarks/codec_probe.py`).
 """
 
 from __future__ import annotations

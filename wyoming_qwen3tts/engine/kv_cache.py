@@ -22,7 +22,18 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling
     )
 
 
-class StaticKVCache:
+class _SharedHistory:
+    """A cache whose rows share one history length: add the new keys, then one attention call."""
+
+    def update(self, key_states, value_states, layer_idx):  # pragma: no cover - each cache has its own
+        raise NotImplementedError
+
+    def attend(self, layer: int, q, k, v, scaling: float) -> torch.Tensor:
+        keys, values = self.update(k, v, layer)
+        return attention(q, keys, values, scaling)
+
+
+class StaticKVCache(_SharedHistory):
     """Preallocated keys and values for a stack of decoder layers, batch of one.
 
     `update()` writes the step's keys and values in place and returns views of all positions so
@@ -56,15 +67,11 @@ class StaticKVCache:
         self.values[layer_idx, :, :, self.length : end] = value_states
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
-    def attend(self, layer: int, q, k, v, scaling: float) -> torch.Tensor:
-        keys, values = self.update(k, v, layer)
-        return attention(q, keys, values, scaling)
-
     def advance(self, steps: int) -> None:
         self.length += steps
 
 
-class GrowingKVCache:
+class GrowingKVCache(_SharedHistory):
     """Keys and values that grow by concatenation: for the code predictor's 16 positions.
 
     Each step's shapes are fixed by its index, so a compiled frame loop sees static shapes.
@@ -81,10 +88,6 @@ class GrowingKVCache:
             values = torch.cat((self.values[layer], values), dim=2)
         self.keys[layer], self.values[layer] = keys, values
         return keys, values
-
-    def attend(self, layer: int, q, k, v, scaling: float) -> torch.Tensor:
-        keys, values = self.update(k, v, layer)
-        return attention(q, keys, values, scaling)
 
     def advance(self, steps: int) -> None:
         self.length += steps

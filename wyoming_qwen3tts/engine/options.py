@@ -20,10 +20,11 @@ MIN_FRAMES = 2
 
 # Streams per batched step when not configured: a GPU step costs about the same for 16 rows as
 # for one; a CPU step grows with the rows' arithmetic, and 8 rows still share one read of the
-# weights (BENCHMARKS.md, "continuous batching").
+# weights (BENCHMARKS.md, "How to read": continuous batching).
 AUTO_BATCH = {"cpu": 8, "cuda": 16}
 # Most frames of one codec call on a CPU, over all the streams it decodes: beyond this the call's
-# activations leave the cache and every frame costs more than alone (BENCHMARKS.md, "codec batches").
+# activations leave the cache and every frame costs more than alone (BENCHMARKS.md, "codec kernels
+# and batches").
 CPU_DECODE_FRAMES = 24
 # Threads that decode different streams' chunks at the same time on a CPU: while several streams
 # play, the model runs ahead of the codec, and a second decode thread uses the core it leaves idle.

@@ -1,6 +1,7 @@
 """Linear layers as plain callables x -> y: float weights, or 8-bit and 4-bit kernels.
 
-The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe"):
+The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe", from
+`benchmarks/kernel_probe.py`):
 
 * int8: fbgemm's int8 linear: per-output-channel weight scales, the activation quantized on the
   fly with a scale and offset of its own per row (see `Int8Weights`), so a batch of rows, or a
@@ -193,8 +194,8 @@ class FloatLinear:
     One stream's rows go through `F.linear`, the package's own kernel, so a stream alone gets the
     package's very numbers. Rows of several streams (a batch: more than one along the first
     dimension) go through oneDNN's linear on a CPU: MKL's product for 2 to 8 rows took up to twice
-    as long as for one, oneDNN's reads the weights once for little more (BENCHMARKS.md, "float
-    kernels"). Its results differ from MKL's in rounding only.
+    as long as for one, oneDNN's reads the weights once for little more (BENCHMARKS.md, "kernel
+    probe"). Its results differ from MKL's in rounding only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

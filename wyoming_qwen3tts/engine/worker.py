@@ -11,7 +11,7 @@ Each round of the model thread:
    many rows is what makes several streams cost little more than one.
 
 Rows join a batch as soon as they are prefilled and leave it when they finish, are cancelled,
-fail, or wait for text. Audio is decoded on a second thread (`DecodeQueue`), also earliest
+fail, or wait for text. Audio is decoded on decode threads (`DecodeQueue`), also earliest
 deadline first, so that decoding overlaps generation. Cancelling a job takes effect before its
 next step.
 """
