@@ -18,9 +18,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     QWEN3TTS_DATA_DIR=/data
 
 # g++: torch.compile (--compile) builds its CPU kernels and Triton's GPU launchers with it.
+# tcmalloc: the codec's large activations cost glibc a page fault per page on every chunk; with
+# tcmalloc several streams decode about 1.2x faster (set below, for the server only). The link
+# gives it one path on every architecture.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libsndfile1 g++ \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends libsndfile1 g++ libtcmalloc-minimal4 \
+    && rm -rf /var/lib/apt/lists/* \
+    && ln -s "$(find /usr/lib -name libtcmalloc_minimal.so.4 | head -n 1)" /usr/local/lib/libtcmalloc_minimal.so.4 \
+    && test -e /usr/local/lib/libtcmalloc_minimal.so.4
 
 WORKDIR /app
 COPY requirements ./requirements
@@ -45,6 +50,9 @@ COPY wyoming_qwen3tts ./wyoming_qwen3tts
 RUN pip install --no-deps .
 
 COPY run.sh /run.sh
+
+# Set last, so that pip and the compilers above ran on glibc's allocator as usual.
+ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4
 
 EXPOSE 10200
 # A first start downloads the model (minutes); the health check waits up to 30 minutes for it.

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="2,4,8")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lines = [

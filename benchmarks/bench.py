@@ -36,6 +36,7 @@ import torch
 
 from report import write_report
 
+from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import parameter_bytes
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
@@ -209,6 +210,7 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     # The same VM name has come with AVX2 and with AVX-512: PyTorch's kernels differ between them.
     text = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, {memory:.0f} GiB RAM"
+    text += f", {memory_allocator()} allocator"
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(0)}"
     return text
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
     parser.add_argument("--unbatched", action="store_true", help="also measure each concurrency with one row per step")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock path (and the cost-of-one-more-frame figures)")
-    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
     args = parser.parse_args(argv)
 

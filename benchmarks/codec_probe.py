@@ -6,7 +6,8 @@ Streams' chunks are short: the first is one frame, later ones up to twelve. For 
 and number of rows (streams decoded in one call), the milliseconds per frame of our streaming
 decoder, once with PyTorch's own convolutions and once with the matrix-product kernels of
 `engine/codec_kernels.py`; best of three calls, each continuing a stream 24 frames in. Writes a
-section of BENCHMARKS.md.
+section of BENCHMARKS.md, named after the memory allocator (run it with and without
+`LD_PRELOAD=libtcmalloc_minimal.so.4`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from bench import machine
 from report import write_report
 
 from wyoming_qwen3tts.engine import codec_kernels
+from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 
-CASES = ((1, 1), (1, 8), (2, 1), (4, 1), (4, 4), (12, 1), (12, 2), (12, 8))  # (frames per chunk, rows)
+CASES = ((1, 1), (1, 8), (2, 1), (4, 1), (4, 4), (12, 1), (12, 2), (12, 4), (12, 8))  # (frames per chunk, rows)
 
 
 def per_frame(decoder: StreamingCodecDecoder, frames: int, rows: int, codes: torch.Tensor) -> float:
@@ -70,7 +72,7 @@ def main() -> int:
             print(lines[-1], flush=True)
     report = "\n".join(lines)
     print(report)
-    write_report(args.output, f"codec kernels and batches on {args.checkpoint.name}, CPU", report)
+    write_report(args.output, f"codec kernels and batches on {args.checkpoint.name}, CPU, {memory_allocator()} allocator", report)
     return 0
 
 

@@ -36,6 +36,8 @@ from report import write_report
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
+from wyoming_qwen3tts.engine.allocator import memory_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello there.", "The kitchen lights are on.", "It is twenty one degrees inside. Shall I close the windows?"]
 # A request that gets nothing for STALL seconds hangs; one that is still running after OP_TIMEOUT
@@ -103,6 +105,7 @@ class Server:
             "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd")),
             "tasks": tasks,
+            "allocator": memory_allocator(Path(f"/proc/{pid}/maps")),
         }
 
 
@@ -339,7 +342,8 @@ def report(args, outcomes: list[Outcome], samples: list[dict], kills: list[Kill]
     lines = [
         f"- {args.minutes:g} minutes, {len(outcomes)} requests on loopback, tiny checkpoint"
         + (f", backend killed every {args.kill_every:.0f} s ({len(kills)} kills, down {args.down_seconds:.0f} s each)" if args.remote else ""),
-        f"- machine: {os.cpu_count()} CPUs; server: `python -m wyoming_qwen3tts` (Wyoming + HTTP)" + (" behind a remote front" if args.remote else ""),
+        f"- machine: {os.cpu_count()} CPUs; server: `python -m wyoming_qwen3tts` (Wyoming + HTTP)" + (" behind a remote front" if args.remote else "")
+        + (f", {samples[0]['allocator']} allocator" if samples else ""),
         "",
         "| request | ok | clean error | unexpected | hang |",
         "|---|---|---|---|---|",

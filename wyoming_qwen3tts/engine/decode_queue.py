@@ -7,8 +7,7 @@ own items (chunks, then its end marker) still come out in the order they went in
 
 When the first item is a chunk, the next chunks of other jobs that can share its codec call (same
 codec, same number of frames) come along, up to the batch size and a total of frames: one call
-decodes them all. On a CPU a call pays up to about 24 frames: beyond, its activations no longer
-fit the cache and each frame costs more than alone (BENCHMARKS.md, "codec kernels and batches").
+decodes them all. On a CPU a call pays up to about 24 frames (`CPU_DECODE_FRAMES` says why).
 
 With more than one thread, different jobs' chunks decode at the same time (one job's never): on a
 CPU the model's thread runs ahead of the codec while several streams play, and the codec's

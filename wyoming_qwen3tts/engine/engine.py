@@ -13,6 +13,7 @@ import torch
 
 from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
+from .allocator import ADVICE, memory_allocator
 from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement
 from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
@@ -65,6 +66,12 @@ class SpeechEngine:
         torch.set_num_threads(placement.threads)
         max_batch = options.batch_size(placement.device.type)
         _LOGGER.info("PyTorch uses %d CPU thread(s); up to %d streams share a step", placement.threads, max_batch)
+        if placement.device.type == "cpu":
+            allocator = memory_allocator()
+            if allocator == "the C library's":
+                _LOGGER.info("Memory allocator: the C library's; %s", ADVICE)
+            else:
+                _LOGGER.info("Memory allocator: %s", allocator)
         if options.load.compile:
             # The inductor reads its cache location from the environment only.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))

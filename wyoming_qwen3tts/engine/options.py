@@ -22,9 +22,10 @@ MIN_FRAMES = 2
 # for one; a CPU step grows with the rows' arithmetic, and 8 rows still share one read of the
 # weights (BENCHMARKS.md, "How to read": continuous batching).
 AUTO_BATCH = {"cpu": 8, "cuda": 16}
-# Most frames of one codec call on a CPU, over all the streams it decodes: beyond this the call's
-# activations leave the cache and every frame costs more than alone (BENCHMARKS.md, "codec kernels
-# and batches").
+# Most frames of one codec call on a CPU, over all the streams it decodes. On glibc's allocator a
+# bigger call's activations come back as fresh pages on every call and each frame costs more than
+# alone; on tcmalloc (the image's) more frames per call save little (40 against 42 ms per frame)
+# while every stream in the call waits for all of it (BENCHMARKS.md, "codec kernels and batches").
 CPU_DECODE_FRAMES = 24
 # Threads that decode different streams' chunks at the same time on a CPU: while several streams
 # play, the model runs ahead of the codec, and a second decode thread uses the core it leaves idle.

@@ -79,7 +79,9 @@ class Int8Weights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        # Two reductions, not `torch.aminmax(dim=1)`: on a CPU that one is 5 to 20 times slower
+        # for several rows (83 rows of 3072: 580 against 26 us), a sixth of a prompt's prefill.
+        low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
         middle = (high + low) * 0.5
         half = ((high - low) * 0.5).clamp_min_(torch.finfo(torch.float32).tiny)
         # Rounding may carry a value a hair past +-1: clamp, so the grid is the same for every row.
