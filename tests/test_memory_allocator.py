@@ -78,7 +78,7 @@ def test_memory_freed_after_loading_goes_back_to_the_system_on_tcmalloc():
     assert float(returned) > 300, f"tcmalloc kept the freed blocks ({returned} MiB returned)"
 
 
-def test_releasing_free_memory_on_glibc_trims_its_heap():
+def test_releasing_free_memory_on_glibc_falls_back_to_malloc_trim():
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     done = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split()[0] == "malloc_trim"

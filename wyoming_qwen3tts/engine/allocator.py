@@ -7,9 +7,9 @@ streams made 1.2x the frames per second of the same server on glibc, one stream 
 (BENCHMARKS.md, "How to read": allocator). An allocator can only be chosen before the process
 starts (`LD_PRELOAD`), so the image sets it and the server says which one it got.
 
-tcmalloc keeps the pages a program frees for its next allocations; loading frees gigabytes (the
-float weights that int8 replaces), so after loading the engine hands them back: without that
-the int8 0.6B process kept 5.0 GB instead of 3.0 GB.
+tcmalloc keeps the pages a program frees for its next allocations (and glibc part of them);
+quantizing frees gigabytes (the float weights that int8 replaces), so it hands them back:
+without that the int8 0.6B process kept 5.0 GB on tcmalloc instead of 3.0 GB.
 """
 
 from __future__ import annotations

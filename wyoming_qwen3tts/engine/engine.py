@@ -13,7 +13,7 @@ import torch
 
 from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
-from .allocator import ADVICE, memory_allocator, release_free_memory
+from .allocator import ADVICE, memory_allocator
 from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement
 from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
@@ -104,8 +104,6 @@ class SpeechEngine:
             )
             if placement.device.type == "cuda":
                 _LOGGER.info("GPU memory in use: %.0f MiB", torch.cuda.memory_allocated(placement.device) / 2**20)
-        # Loading freed the weights it replaced (float weights that became int8, ...).
-        release_free_memory()
         return cls(runtimes, options)
 
     def close(self) -> None:

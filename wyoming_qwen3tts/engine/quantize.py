@@ -12,11 +12,11 @@ Where a kernel is missing (another CPU, a GPU), the next one down is used, with 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import torch
 
+from .allocator import release_free_memory
 from .quantized_linear import KERNELS, Int4Weights, Int8Weights, QuantizedLinear, WeightSlice
 
 _LOGGER = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ def resolve_mode(requested: str, device: torch.device) -> str:
         return candidate
     _LOGGER.warning("No quantized kernel works here: the model keeps its weights as they are")
     return "none"
-
-
-def release_freed_memory() -> None:
-    """Hand the float weights' freed pages back to the system (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused by the process anyway
-        pass
 
 
 def _quantized(kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Weights | Int4Weights:
@@ -108,7 +100,7 @@ def quantize_talker(model: torch.nn.Module, mode: str) -> None:
                 layers += 1
                 float_bytes += child.weight.numel() * child.weight.element_size()
                 quantized_bytes += weights.nbytes
-    release_freed_memory()
+    release_free_memory()  # the float weights just replaced: gigabytes the allocator would keep
     _LOGGER.info(
         "Quantized %d linear layers to %s with %s: %.0f MiB of weights instead of %.0f MiB",
         layers,

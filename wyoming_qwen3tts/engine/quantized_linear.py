@@ -6,8 +6,8 @@ The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe
 * int8: fbgemm's int8 linear: per-output-channel weight scales, the activation quantized on the
   fly with a scale and offset of its own per row (see `Int8Weights`), so a batch of rows, or a
   whole prompt, takes one call.
-  torchao's int8 configurations were 25-35x slower than this on our AVX2 CPU (no fast kernel
-  there without compiling), so torchao is not used.
+  torchao's int8 configurations were 25-35x slower than this on our AVX2 CPU and 8-14x on the
+  AVX-512 one (no fast kernel there without compiling), so torchao is not used.
 * int4: `torch._weight_int4pack_mm_for_cpu` (weight-only, groups of 32 with scale and zero,
   bfloat16 activations). On our CPUs it is not faster than int8 and saves memory only.
 
