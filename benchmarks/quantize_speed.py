@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 import torch
 from bench import FRAME_SECONDS, ServerThread, _free_port, machine, one_stream, rss_mib, silence_end_of_speech
 from report import write_report

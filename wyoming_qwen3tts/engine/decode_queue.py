@@ -71,6 +71,12 @@ class DecodeQueue:
                 heapq.heappush(self._heap, (deadline, next(self._order), work))
             self._condition.notify()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        with self._condition:
+            return not self._heap and not self._running
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Run what is queued, then stop the thread."""
         with self._condition:

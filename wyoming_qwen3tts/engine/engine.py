@@ -14,7 +14,7 @@ import torch
 from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
 from .allocator import ADVICE, memory_allocator
-from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement
+from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement, usable_cores
 from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
 from .runtime import ModelRuntime
@@ -54,6 +54,7 @@ class SpeechEngine:
             max_batch=options.batch_size(device.type),
             decode_frames=CPU_DECODE_FRAMES if cpu else None,
             decode_threads=CPU_DECODE_THREADS if cpu else 1,
+            idle_codec_threads=usable_cores() if cpu else None,
         )
         self.clone_cache = ClonePromptCache(options.clone_cache_dir)
         self._clone_identity: str | None = None

@@ -75,11 +75,11 @@ def resolve_placement(options: LoadOptions) -> Placement:
     threads = options.threads
     if not threads:
         compute_bound = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-        threads = _usable_cores() if compute_bound else max(1, _usable_cores() - 1)
+        threads = usable_cores() if compute_bound else max(1, usable_cores() - 1)
     return Placement(device=device, dtype=dtype, attention=attention, threads=threads, quantize=resolve_mode(options.quantize, device))
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -12,8 +12,8 @@ Each round of the model thread:
 
 Rows join a batch as soon as they are prefilled and leave it when they finish, are cancelled,
 fail, or wait for text. Audio is decoded on decode threads (`DecodeQueue`), also earliest
-deadline first, so that decoding overlaps generation. Cancelling a job takes effect before its
-next step.
+deadline first, so that decoding overlaps generation; a round that starts while nothing is being
+decoded runs on every core. Cancelling a job takes effect before its next step.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from threading import Condition, Thread
 from typing import TYPE_CHECKING, Callable
+
+import torch
 
 from ..speech import JobCancelled
 from .decode_queue import DecodeQueue, QueuedWork
@@ -50,13 +54,21 @@ class EngineWorker:
     """Owns the model thread; jobs are created through `new_job`."""
 
     def __init__(
-        self, max_batch: int = 1, decode_frames: int | None = None, decode_threads: int = 1, name: str = "qwen3tts-engine"
+        self,
+        max_batch: int = 1,
+        decode_frames: int | None = None,
+        decode_threads: int = 1,
+        idle_codec_threads: int | None = None,
+        name: str = "qwen3tts-engine",
     ) -> None:
         """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks);
-        ``decode_threads``: threads that decode different streams' chunks at the same time."""
+        ``decode_threads``: threads that decode different streams' chunks at the same time;
+        ``idle_codec_threads``: PyTorch CPU threads of a round that starts while nothing is being
+        decoded (None: the model thread's own)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._max_batch = max_batch
+        self._idle_codec_threads = idle_codec_threads
         self.condition = Condition()
         self._jobs: list[SynthesisJob] = []
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
@@ -202,15 +214,37 @@ class EngineWorker:
         if any(to_decode):
             self.decode_later([item for item in to_decode if item is not None])
 
+    @contextmanager
+    def _cores_while_codec_idle(self) -> Iterator[None]:
+        """The model thread on ``idle_codec_threads`` threads if nothing is being decoded.
+
+        The cores kept free for decoding idle whenever the codec has caught up: on an idle server
+        through a new request's prefill and first frame (its wait for first audio), and in a lone
+        stream whenever decoding is faster than generating. Only this thread queues codec work,
+        so a round that starts with the codec idle runs to its end without a decoding thread on
+        its cores (a thread team sharing a core with one would wait on it at every operation).
+        The kernels give the same results on any number of threads (tested).
+        """
+        threads = torch.get_num_threads()
+        if not self._idle_codec_threads or self._idle_codec_threads <= threads or not self._decoder.idle:
+            yield
+            return
+        torch.set_num_threads(self._idle_codec_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
     def _run(self) -> None:
         while (round_ := self._next_round()) is not None:
             if round_.task is not None:
                 self._run_task(*round_.task)
                 continue
-            for job in round_.text_news:
-                self._guarded(job, job._take_text)
-            if round_.prefill is not None:
-                self._guarded(round_.prefill, round_.prefill._prefill)
-            batch = self._next_batch()
-            if batch:
-                self._step(batch)
+            with self._cores_while_codec_idle():
+                for job in round_.text_news:
+                    self._guarded(job, job._take_text)
+                if round_.prefill is not None:
+                    self._guarded(round_.prefill, round_.prefill._prefill)
+                batch = self._next_batch()
+                if batch:
+                    self._step(batch)

@@ -1,0 +1,131 @@
+"""While the codec has nothing to decode, the model thread's rounds run on every core.
+
+On a CPU the engine keeps cores free for decoding; on an idle server they would idle through a
+new request's prefill and first frame, the whole wait for its first audio. These tests hold the
+decode threads busy to tell the two cases apart, and prove that the number of threads changes
+no code (float32 and int8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import types
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from helpers import CodeRecorder
+
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.loader import usable_cores
+from wyoming_qwen3tts.engine.options import CPU_DECODE_THREADS, EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.speech import PresetSpeaker, RequestOptions, SamplingOptions
+
+FRAMES = 20
+TEXT = "The kitchen lights are on."
+
+
+@pytest.fixture(scope="module", params=["none", "int8"])
+def engine(request, checkpoints):
+    engine = SpeechEngine.load(
+        EngineOptions(
+            model=str(checkpoints["custom_voice"]),
+            load=LoadOptions(device="cpu", quantize=request.param, threads=1),
+            stop=StopRules(base_frames=FRAMES, frames_per_token=0, max_frames=FRAMES),
+        )
+    )
+    yield engine
+    engine.close()
+
+
+class ThreadCounts:
+    """PyTorch's thread count on the model thread at every prefill and every step."""
+
+    def __init__(self, engine, monkeypatch) -> None:
+        self.prefills: list[int] = []
+        self.steps: list[int] = []
+        self.engine = engine
+        frames = engine.runtimes["custom_voice"].frames
+        original = frames.prefill
+
+        def prefill(*args, **kwargs):
+            self.prefills.append(torch.get_num_threads())
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(frames, "prefill", prefill)
+
+    def __enter__(self) -> "ThreadCounts":
+        self.engine.worker.step_listeners.append(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.worker.step_listeners.remove(self._record)
+
+    def _record(self, _job_ids) -> None:
+        self.steps.append(torch.get_num_threads())
+
+
+@contextmanager
+def codec_held(engine):
+    """Every decode thread busy (with work that waits) until the block ends."""
+    release, running = threading.Event(), threading.Semaphore(0)
+
+    def hold() -> None:
+        running.release()
+        release.wait(30)
+
+    for _ in range(CPU_DECODE_THREADS):
+        engine.worker.after_decoding(types.SimpleNamespace(deadline=0.0), hold)
+    for _ in range(CPU_DECODE_THREADS):
+        assert running.acquire(timeout=10), "a decode thread did not take the held work"
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def start(engine):
+    job = engine.start(PresetSpeaker("ryan"), RequestOptions(sampling=SamplingOptions().greedy()))
+    job.add_text(TEXT)
+    job.finish()
+    return job
+
+
+pytestmark = pytest.mark.skipif(usable_cores() < 2, reason="needs two cores")
+
+
+async def test_a_request_on_an_idle_server_starts_on_every_core(engine, monkeypatch):
+    with ThreadCounts(engine, monkeypatch) as counts:
+        [chunk async for chunk in start(engine)]
+    assert counts.prefills == [usable_cores()]
+    assert counts.steps[0] == usable_cores(), "the first frame is made before any audio exists"
+
+
+async def test_while_the_codec_decodes_the_model_keeps_to_its_own_threads_and_makes_the_same_codes(engine, monkeypatch):
+    with CodeRecorder(engine) as codes:
+        idle = start(engine)
+        [chunk async for chunk in idle]
+        with ThreadCounts(engine, monkeypatch) as counts, codec_held(engine):
+            busy = start(engine)
+            for _ in range(500):  # its chunks wait behind the held codec; the frames do not
+                if len(counts.steps) == FRAMES:
+                    break
+                await asyncio.sleep(0.01)
+        audio = [chunk async for chunk in busy]
+    assert counts.prefills == [1] and counts.steps == [1] * FRAMES
+    assert sum(chunk.frames for chunk in audio) == FRAMES
+    assert torch.equal(codes.of(busy), codes.of(idle)), "the thread count changed the codes"
+
+
+def test_importing_the_package_keeps_openmp_to_one_thread_unless_told_otherwise():
+    script = "import os, wyoming_qwen3tts, torch; print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"
+    environ = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    default = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
+    assert default.stdout.split() == ["1", "1"]
+    told = subprocess.run([sys.executable, "-c", script], env={**environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, check=True)
+    assert told.stdout.split() == ["2", "2"]
