@@ -169,6 +169,31 @@ async def one_stream(port: int, voice: str, first_audio: asyncio.Event | None = 
         return StreamResult(first_audio=first, total=ended - started, audio_seconds=samples / 24000, started=started, ended=ended)
 
 
+async def one_streamed(port: int, voice: str) -> float:
+    """First audio (seconds) the way Home Assistant streams a reply: synthesize-start, the text in
+    one chunk, the full `synthesize` it adds for older servers, synthesize-stop; timed from the
+    chunk. The server feeds streamed text into the model word by word (dual track)."""
+    from wyoming.audio import AudioChunk
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
+
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name=voice)).event())
+        started = time.perf_counter()
+        await client.write_event(SynthesizeChunk(text=TEXT).event())
+        await client.write_event(Synthesize(text=TEXT, voice=SynthesizeVoice(name=voice)).event())
+        await client.write_event(SynthesizeStop().event())
+        first = None
+        while True:
+            event = await client.read_event()
+            if event is None or event.type == "error":
+                raise RuntimeError(f"streamed synthesis failed: {event}")
+            if first is None and AudioChunk.is_type(event.type):
+                first = time.perf_counter() - started
+            if event.type == "synthesize-stopped":
+                return first
+
+
 VOICES = ["Ryan", "Vivian", "Aiden", "Serena", "Sohee", "Eric", "Dylan", "Uncle_Fu"]
 
 
