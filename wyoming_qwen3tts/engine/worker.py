@@ -221,9 +221,11 @@ class EngineWorker:
         The cores kept free for decoding idle whenever the codec has caught up: on an idle server
         through a new request's prefill and first frame (its wait for first audio), and in a lone
         stream whenever decoding is faster than generating. Only this thread queues codec work,
-        so a round that starts with the codec idle runs to its end without a decoding thread on
-        its cores (a thread team sharing a core with one would wait on it at every operation).
-        The kernels give the same results on any number of threads (tested).
+        so a round that starts with the codec idle has no decoding thread on its cores until its
+        last act queues its chunks (a thread team sharing a core with one would wait on it at
+        every operation). PyTorch's thread count is one for the whole process, and the decode
+        threads are idle meanwhile. The kernels give the same results on any number of threads
+        (tested).
         """
         threads = torch.get_num_threads()
         if not self._idle_codec_threads or self._idle_codec_threads <= threads or not self._decoder.idle:
