@@ -1,9 +1,9 @@
 """While the codec has nothing to decode, the model thread's rounds run on every core.
 
 On a CPU the engine keeps cores free for decoding; on an idle server they would idle through a
-new request's prefill and first frame, the whole wait for its first audio. These tests hold the
-decode threads busy to tell the two cases apart, and prove that the number of threads changes
-no code (float32 and int8).
+new request's prefill, first frame and first chunk: the whole wait for its first audio. These
+tests hold the decode threads busy to tell the two cases apart, and prove that the number of
+threads changes no code (float32 and int8).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import types
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,21 @@ def engine(request, checkpoints):
     )
     yield engine
     engine.close()
+
+
+class DecodeCalls:
+    """Which thread decoded each codec call, on how many PyTorch threads, and its chunks' first frames."""
+
+    def __init__(self, engine, monkeypatch, role: str = "custom_voice") -> None:
+        self.calls: list[tuple[str, int, list[int]]] = []
+        runtime = engine.runtimes[role]
+        original = runtime.decode_batch
+
+        def decode_batch(utterances, chunks):
+            self.calls.append((threading.current_thread().name, torch.get_num_threads(), [c.first_frame for c in chunks]))
+            return original(utterances, chunks)
+
+        monkeypatch.setattr(runtime, "decode_batch", decode_batch)
 
 
 class ThreadCounts:
@@ -99,17 +115,25 @@ def start(engine):
 pytestmark = pytest.mark.skipif(usable_cores() < 2, reason="needs two cores")
 
 
+MODEL_THREAD = "qwen3tts-engine"
+
+
 async def test_a_request_on_an_idle_server_starts_on_every_core(engine, monkeypatch):
+    decodes = DecodeCalls(engine, monkeypatch)
     with ThreadCounts(engine, monkeypatch) as counts:
-        [chunk async for chunk in start(engine)]
+        audio = [chunk async for chunk in start(engine)]
     assert counts.prefills == [usable_cores()]
     assert counts.steps[0] == usable_cores(), "the first frame is made before any audio exists"
+    assert decodes.calls[0] == (MODEL_THREAD, usable_cores(), [0]), "the first chunk decodes at once, on every core"
+    assert all(name != MODEL_THREAD for name, _threads, _frames in decodes.calls[1:]), "later chunks decode beside generation"
+    assert sum(chunk.frames for chunk in audio) == FRAMES
 
 
 async def test_while_the_codec_decodes_the_model_keeps_to_its_own_threads_and_makes_the_same_codes(engine, monkeypatch):
     with CodeRecorder(engine) as codes:
         idle = start(engine)
-        [chunk async for chunk in idle]
+        idle_audio = [chunk async for chunk in idle]
+        decodes = DecodeCalls(engine, monkeypatch)
         with ThreadCounts(engine, monkeypatch) as counts, codec_held(engine):
             busy = start(engine)
             for _ in range(500):  # its chunks wait behind the held codec; the frames do not
@@ -120,6 +144,34 @@ async def test_while_the_codec_decodes_the_model_keeps_to_its_own_threads_and_ma
     assert counts.prefills == [1] and counts.steps == [1] * FRAMES
     assert sum(chunk.frames for chunk in audio) == FRAMES
     assert torch.equal(codes.of(busy), codes.of(idle)), "the thread count changed the codes"
+    assert decodes.calls and all(name != MODEL_THREAD and threads == 1 for name, threads, _frames in decodes.calls)
+    # The codec's convolutions may round differently on two threads: the same audio within float noise.
+    np.testing.assert_allclose(np.concatenate([c.audio for c in audio]), np.concatenate([c.audio for c in idle_audio]), atol=1e-5)
+
+
+async def test_a_clone_s_first_chunk_decodes_beside_generation_with_its_reference(checkpoints, reference_sample, tmp_path, monkeypatch):
+    engine = SpeechEngine.load(
+        EngineOptions(
+            model=str(checkpoints["custom_voice"]),
+            clone_model=str(checkpoints["base"]),
+            data_dir=tmp_path,
+            load=LoadOptions(device="cpu", threads=1),
+            stop=StopRules(base_frames=8, frames_per_token=0, max_frames=8),
+        )
+    )
+    try:
+        audio, rate = reference_sample
+        clone = await engine.create_clone_prompt(audio, rate, "This is the reference transcript.")
+        assert clone.ref_codes is not None, "an in-context clone, whose audio continues its reference"
+        decodes = DecodeCalls(engine, monkeypatch, role="base")
+        job = engine.start(clone, RequestOptions(sampling=SamplingOptions().greedy()))
+        job.add_text(TEXT)
+        job.finish()
+        chunks = [chunk async for chunk in job]
+    finally:
+        engine.close()
+    assert sum(chunk.frames for chunk in chunks) == 8
+    assert decodes.calls and all(name != MODEL_THREAD for name, _threads, _frames in decodes.calls)
 
 
 def test_importing_the_package_keeps_openmp_to_one_thread_unless_told_otherwise():

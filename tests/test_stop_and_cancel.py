@@ -149,13 +149,14 @@ async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monke
     decode = runtime.decoder.decode_batch
     decoding, release = threading.Event(), threading.Event()
 
-    def slow_first_decode(states, codes):
-        if not decoding.is_set():
+    def slow_second_chunk(states, codes):
+        # The second: on an idle server the first chunk decodes at once, before the next frame.
+        if states[0].frames > 0 and not decoding.is_set():
             decoding.set()
             assert release.wait(10), "the test never released the decoder"
         return decode(states, codes)
 
-    monkeypatch.setattr(runtime.decoder, "decode_batch", slow_first_decode)
+    monkeypatch.setattr(runtime.decoder, "decode_batch", slow_second_chunk)
     job = engine.start(PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))
     job.add_text(LONG_TEXT)
     job.finish()
@@ -169,7 +170,7 @@ async def test_frames_are_generated_while_a_chunk_is_being_decoded(engine, monke
     release.set()
     chunks = [chunk async for chunk in job]
 
-    assert frames_while_blocked >= 10, "generation should go on while the first chunk decodes"
+    assert frames_while_blocked >= 10, "generation should go on while a chunk decodes"
     assert [c.first_frame for c in chunks] == list(np.cumsum([0] + [c.frames for c in chunks[:-1]]))
     assert sum(c.frames for c in chunks) == 60
 

@@ -267,6 +267,11 @@ class ChunkToDecode:
         """Chunks that can share one codec call: the same codec, the same number of frames."""
         return id(self.job.runtime.decoder), self.chunk.frames
 
+    @property
+    def opens_job(self) -> bool:
+        """The request's first audio: its listener hears nothing until this chunk is decoded."""
+        return self.utterance.segment == 0 and self.chunk.first_frame == 0
+
 
 def decode_chunks(items: list[ChunkToDecode]) -> None:
     """On the decode thread: decode chunks of one length, of several jobs, in one codec call."""
