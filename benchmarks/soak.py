@@ -36,7 +36,6 @@ from report import write_report
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 from wyoming_qwen3tts.engine.allocator import memory_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
