@@ -69,6 +69,18 @@ def test_a_wrong_scale_is_caught_by_the_snr_bound(layer_inputs):
     assert snr_db(F.linear(x, module.weight, module.bias), weights(x)) < 10
 
 
+def test_an_int8_row_of_zeros_gives_its_bias_and_a_row_keeps_its_result_beside_louder_rows():
+    torch.manual_seed(3)
+    weight, bias = torch.randn(48, 64) * 0.05, torch.randn(48)
+    weights = KERNELS["int8"](weight, bias)
+    quiet, loud = torch.randn(1, 64) * 1e-3, torch.randn(1, 64) * 1e3
+    out = weights(torch.cat((torch.zeros(1, 64), quiet, loud)))
+    assert torch.equal(out[0], bias), "a zero row must not turn into NaN or noise"
+    # Each row is scaled by its own magnitude: a quiet row beside a loud one loses nothing.
+    assert torch.equal(out[1:2], weights(quiet))
+    assert snr_db(F.linear(quiet, weight, bias) - bias, out[1:2] - bias) >= MIN_SNR_DB["int8"]
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_loading_quantizes_every_talker_and_predictor_linear_and_greedy_runs_repeat(checkpoints, custom_voice_model, mode):
     wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize=mode)))

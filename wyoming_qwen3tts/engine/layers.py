@@ -3,8 +3,9 @@
 Calling the package's layer modules costs keyword plumbing, the transformers attention registry
 and a `Cache` object on every call; on a one-token step of a small model (and on any GPU) that
 overhead outweighs the arithmetic. These functions do the same arithmetic in the same order on
-the same parameter tensors (nothing is copied), so on CPU they give the modules' results bit for
-bit (tested), and they are plain enough for `torch.compile` to fuse and for CUDA graphs to capture.
+the same parameter tensors (nothing is copied but the q and k norm weights, joined into one small
+table), so on CPU they give the modules' results bit for bit (tested), and they are plain enough
+for `torch.compile` to fuse and for CUDA graphs to capture.
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ class LayerWeights:
     input_norm: torch.Tensor
     qkv: Projections
     o: Linear
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
+    qk_norm: torch.Tensor  # [query heads + key heads, head_dim]: q_norm's weight per query head, then k_norm's
+    query_heads: int
     post_norm: torch.Tensor
     gate_up: Projections
     down: Linear
 
     @classmethod
-    def of(cls, layer) -> "LayerWeights":
+    def of(cls, layer, query_heads: int, key_heads: int) -> "LayerWeights":
         attn, mlp = layer.self_attn, layer.mlp
         return cls(
             input_norm=layer.input_layernorm.weight,
             qkv=projections_of((attn.q_proj, attn.k_proj, attn.v_proj)),
             o=linear_of(attn.o_proj),
-            q_norm=attn.q_norm.weight,
-            k_norm=attn.k_norm.weight,
+            qk_norm=torch.cat(
+                (attn.q_norm.weight.expand(query_heads, -1), attn.k_norm.weight.expand(key_heads, -1))
+            ).detach(),
+            query_heads=query_heads,
             post_norm=layer.post_attention_layernorm.weight,
             gate_up=projections_of((mlp.gate_proj, mlp.up_proj)),
             down=linear_of(mlp.down_proj),
@@ -66,7 +69,9 @@ class DecoderStack:
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act!r}")
         return cls(
-            layers=tuple(LayerWeights.of(layer) for layer in model.layers),
+            layers=tuple(
+                LayerWeights.of(layer, config.num_attention_heads, config.num_key_value_heads) for layer in model.layers
+            ),
             norm=model.norm.weight,
             eps=config.rms_norm_eps,
             head_dim=head_dim,
@@ -90,11 +95,12 @@ class DecoderStack:
         heads_shape = (batch, length, -1, self.head_dim)
         x = rms_norm(hidden, w.input_norm, self.eps)
         q, k, v = w.qkv(x)
-        q = rms_norm(q.reshape(heads_shape), w.q_norm, self.eps).transpose(1, 2)
-        k = rms_norm(k.reshape(heads_shape), w.k_norm, self.eps).transpose(1, 2)
+        # Queries and keys get the same per-head norm and rotation: one pass over both heads'
+        # values instead of two (each element's arithmetic is the package's).
+        qk = rms_norm(torch.cat((q, k), dim=-1).reshape(heads_shape), w.qk_norm, self.eps).transpose(1, 2)
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, : w.query_heads], qk[:, w.query_heads :]
         v = v.reshape(heads_shape).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         attended = cache.attend(index, q, k, v, self.scaling)
         attended = attended.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
         hidden = hidden + w.o(attended)

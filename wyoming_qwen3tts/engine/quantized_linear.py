@@ -4,8 +4,8 @@ The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe
 `benchmarks/kernel_probe.py`):
 
 * int8: fbgemm's int8 linear: per-output-channel weight scales, the activation quantized on the
-  fly with a scale and offset of its own per row (see `Int8Weights`), so a batch of rows, or a
-  whole prompt, takes one call.
+  fly with a scale of its own per row (see `Int8Weights`), so a batch of rows, or a whole prompt,
+  takes one call.
   torchao's int8 configurations were 25-35x slower than this on our AVX2 CPU and 8-14x on the
   AVX-512 one (no fast kernel there without compiling), so torchao is not used.
 * int4: `torch._weight_int4pack_mm_for_cpu` (weight-only, groups of 32 with scale and zero,
@@ -18,6 +18,7 @@ quantized matrix: one call, and one pass over the input, instead of three or two
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -50,15 +51,19 @@ def explicit_activation_grid() -> bool:
 class Int8Weights:
     """A weight matrix as fbgemm's packed int8, with per-output-channel scales.
 
-    Each row of the input is mapped onto [-1, 1] by its own minimum and maximum and quantized on
-    one fixed grid; the row's offset comes back exactly, as its midpoint times the weight's row
-    sums. So every row has a scale and offset of its own, and since the integer product is exact
-    a row's result never depends on the rows beside it: a batch of streams gives what each
-    stream gives alone. Engines that cannot take the grid from us (qnnpack) get one anchor row
-    of -1 and +1 beside the input, which makes their own choice of grid the same every time.
+    Each row of the input is divided by its own largest magnitude, which maps it onto [-1, 1],
+    and quantized on one fixed grid; the product is multiplied back by that magnitude. So every
+    row has a scale of its own, and since the integer product is exact a row's result never
+    depends on the rows beside it: a batch of streams gives what each stream gives alone.
+    Symmetric, not min-to-max: the activations that reach these layers (after a norm, SiLU
+    times a projection, attention) are centred on zero, where both grids are equally fine, and
+    a row costs four operations instead of a dozen; at one row per call on a step of the code
+    predictor those operations, not the kernel, were a third of each call (BENCHMARKS.md).
+    Engines that cannot take the grid from us (qnnpack) get one anchor row of -1 and +1 beside
+    the input, which makes their own choice of grid the same every time.
     """
 
-    kernel = "fbgemm int8 (per-channel weights, per-row activations)"
+    kernel = "fbgemm int8 (per-channel weights, per-row symmetric activations)"
     bits = 8
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -70,32 +75,27 @@ class Int8Weights:
             quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
         self.bias = None if bias is None else bias.detach().to(torch.float32)
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        # What the quantized weights give for a row of ones: the offset's share of the output.
-        self.row_sums = quantized.dequantize().sum(dim=1)
         self.out_features, self.in_features = weight.shape
         self._explicit = explicit_activation_grid()
         self._anchor = torch.zeros(1, self.in_features)
         self._anchor[0, 0], self._anchor[0, -1] = -1.0, 1.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        # Two reductions, not `torch.aminmax(dim=1)`: on a CPU that one is 5 to 20 times slower
-        # for several rows (83 rows of 3072: 580 against 26 us), a sixth of a prompt's prefill.
-        low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
-        middle = (high + low) * 0.5
-        half = ((high - low) * 0.5).clamp_min_(torch.finfo(torch.float32).tiny)
-        # Rounding may carry a value a hair past +-1: clamp, so the grid is the same for every row.
-        spread = (rows - middle).div_(half).clamp_(-1.0, 1.0)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        # Dividing by the largest magnitude gives exactly +-1 at most: no clamp needed.
+        magnitude = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+        spread = rows / magnitude
         if self._explicit:
             out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 spread, _SPREAD_SCALE, _SPREAD_ZERO, self.packed
             )
         else:
             out = torch.ops.quantized.linear_dynamic(torch.cat((spread, self._anchor)), self.packed, True)[: rows.shape[0]]
-        out = torch.addcmul(middle * self.row_sums, out, half)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = out * magnitude if self.bias is None else torch.addcmul(self.bias, out, magnitude)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @property
     def nbytes(self) -> int:
