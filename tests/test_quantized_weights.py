@@ -15,9 +15,11 @@ from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.loader import load_model, parameter_bytes, resolve_placement
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.quantize import resolve_mode
-from wyoming_qwen3tts.engine.quantized_linear import KERNELS, QuantizedLinear
+from wyoming_qwen3tts.engine.quantized_linear import KERNELS, Int8Weights, QuantizedLinear
+from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
 from wyoming_qwen3tts.speech import PresetSpeaker, RequestOptions, SamplingOptions
@@ -146,7 +148,7 @@ async def test_a_quantized_engine_streams_speech_through_wyoming(checkpoints, tm
     assert max(abs(int.from_bytes(cycle.audio[i : i + 2], "little", signed=True)) for i in range(0, len(cycle.audio), 2)) > 100
 
 
-def test_compile_leaves_quantized_weights_to_their_kernels_with_the_same_codes(checkpoints, caplog):
+def test_a_compiled_int8_code_predictor_runs_the_int8_kernel_and_draws_the_uncompiled_codes(checkpoints, caplog, monkeypatch):
     wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int8")))
     sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
     prompt = build_prompt(wrapper, "Good night.", PresetSpeaker("aiden"), "english", non_streaming_mode=True)
@@ -157,7 +159,26 @@ def test_compile_leaves_quantized_weights_to_their_kernels_with_the_same_codes(c
 
     with caplog.at_level(logging.INFO):
         compiled = FrameGenerator(wrapper.model, compile=True)
-        compiled.warm_up(sampling)
-    assert not compiled.predictor.compile and "does not apply to quantized weights" in caplog.text
+        compiled.warm_up(sampling, batches=False)
+    assert compiled.predictor.compile, "the int8 code predictor should compile on this machine"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert torch.equal(seeded_codes(compiled), seeded_codes(FrameGenerator(wrapper.model)))
+    ours = seeded_codes(compiled)
+    assert compiled.predictor.compiled_frames == ours.shape[0], "every frame's codebooks 1-15 from the compiled loop"
+    assert torch.equal(ours, seeded_codes(FrameGenerator(wrapper.model)))
+
+    # The compiled graph calls fbgemm's product for every layer of every step (none is traced away).
+    products = []
+    real_product = Int8Weights.product
+    monkeypatch.setattr(Int8Weights, "product", lambda self, spread: products.append(spread.shape) or real_product(self, spread))
+    predictor = wrapper.model.talker.code_predictor
+    hidden = torch.randn(1, 1, wrapper.model.talker.config.hidden_size)
+    with torch.inference_mode():
+        compiled.predictor.codes(hidden, torch.tensor([3]), [PredictorSampling.of(sampling.greedy())], [None])
+    # greedy is not the compiled sampling: that call ran eagerly; the default sampling's runs compiled
+    eager_calls, products[:] = len(products), []
+    noise = ExponentialNoise(torch.Generator().manual_seed(5), stock_stream=True)
+    with torch.inference_mode():
+        compiled.predictor.codes(hidden, torch.tensor([3]), [PredictorSampling.of(sampling)], [noise])
+    assert compiled.predictor.compiled_frames == ours.shape[0] + 1
+    per_step = 4 * len(predictor.model.layers) + 1 + (0 if isinstance(predictor.small_to_mtp_projection, torch.nn.Identity) else 1)
+    assert len(products) == eager_calls == len(predictor.lm_head) * per_step

@@ -3,8 +3,10 @@
 The stock package calls Hugging Face `generate` for these 15 steps on every frame. Here they are
 one plain function with static shapes (step i always sees i + 2 positions), so that on request it
 can be handed to `torch.compile`: on CPU the inductor fuses each step's small operations, on CUDA
-the "reduce-overhead" mode replays the whole loop as CUDA graphs. Any compile or capture failure
-falls back to running the same function eagerly, once, with a warning.
+the "reduce-overhead" mode replays the whole loop as CUDA graphs. int8 weights enter the graph
+as one operator per product (`quantized_linear.py`), so their kernel runs and everything around
+it is fused; int4's kernel is a PyTorch operator already. Any compile or capture failure falls
+back to running the same function eagerly, once, with a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from .kv_cache import GrowingKVCache
 from .layers import DecoderStack
-from .quantized_linear import QuantizedLinear, linear_of
+from .quantized_linear import linear_of
 from .sampling import ExponentialNoise, SamplingOptions, choose_with_noise
 
 _LOGGER = logging.getLogger(__name__)
@@ -65,10 +67,6 @@ class CodePredictorLoop:
         # Positions restart at 0 every frame: one rotary table serves all frames.
         cos, sin = predictor.model.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        if compile and any(isinstance(m, QuantizedLinear) for m in predictor.modules()):
-            # Dynamo cannot trace fbgemm's packed weights; the quantized kernels are fast as they are.
-            _LOGGER.info("--compile does not apply to quantized weights: the code predictor runs their kernels directly")
-            compile = False
         self.compile = compile
         self._compiled: dict[PredictorSampling, object] = {}
         self.compiled_frames = 0  # frames whose codebooks 1-15 came from a compiled loop

@@ -18,8 +18,10 @@ quantized matrix: one call, and one pass over the input, instead of three or two
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -79,6 +81,8 @@ class Int8Weights:
         self._explicit = explicit_activation_grid()
         self._anchor = torch.zeros(1, self.in_features)
         self._anchor[0, 0], self._anchor[0, -1] = -1.0, 1.0
+        self.handle = next(_HANDLES)
+        _INT8_BY_HANDLE[self.handle] = self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -87,19 +91,42 @@ class Int8Weights:
         # Dividing by the largest magnitude gives exactly +-1 at most: no clamp needed.
         magnitude = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
         spread = rows / magnitude
-        if self._explicit:
-            out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-                spread, _SPREAD_SCALE, _SPREAD_ZERO, self.packed
-            )
+        if torch.compiler.is_compiling():
+            out = torch.ops.wyoming_qwen3tts.int8_product(spread, self.handle)
         else:
-            out = torch.ops.quantized.linear_dynamic(torch.cat((spread, self._anchor)), self.packed, True)[: rows.shape[0]]
+            out = self.product(spread)
         out = out * magnitude if self.bias is None else torch.addcmul(self.bias, out, magnitude)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def product(self, spread: torch.Tensor) -> torch.Tensor:
+        """The integer product of rows already mapped onto [-1, 1], in float32."""
+        if self._explicit:
+            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                spread, _SPREAD_SCALE, _SPREAD_ZERO, self.packed
+            )
+        return torch.ops.quantized.linear_dynamic(torch.cat((spread, self._anchor)), self.packed, True)[: spread.shape[0]]
+
     @property
     def nbytes(self) -> int:
         return self.out_features * self.in_features + 4 * self.out_features
+
+
+# A compiled graph holds tensors and numbers, not fbgemm's packed weights: it names a layer's
+# weights by a number, and the operator below finds them here (weakly: a model's weights go
+# when the model goes). Only the compiled code predictor calls it; eager calls go straight in.
+_INT8_BY_HANDLE: "weakref.WeakValueDictionary[int, Int8Weights]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("wyoming_qwen3tts::int8_product", mutates_args=())
+def _int8_product(spread: torch.Tensor, handle: int) -> torch.Tensor:
+    return _INT8_BY_HANDLE[handle].product(spread)
+
+
+@_int8_product.register_fake
+def _(spread: torch.Tensor, handle: int) -> torch.Tensor:
+    return spread.new_empty(spread.shape[0], _INT8_BY_HANDLE[handle].out_features)
 
 
 class Int4Weights:
