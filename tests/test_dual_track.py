@@ -146,6 +146,17 @@ def process_cpu_seconds() -> float:
     return time.process_time()
 
 
+async def frames_settled(frames, quiet: float = 0.5, timeout: float = 20.0) -> None:
+    """Return once no frame has been made for ``quiet`` seconds (or after ``timeout``: an engine
+    that never stops making frames then fails the stall check that follows)."""
+    loop = asyncio.get_running_loop()
+    deadline, count, since = loop.time() + timeout, frames.frames_generated, loop.time()
+    while loop.time() - since < quiet and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        if frames.frames_generated != count:
+            count, since = frames.frames_generated, loop.time()
+
+
 async def test_a_stall_waits_without_spinning_and_a_disconnect_frees_the_engine(engine):
     frames = engine.runtimes["custom_voice"].frames
     server = ServerThread(settings_with("words"), engine)
@@ -157,7 +168,7 @@ async def test_a_stall_waits_without_spinning_and_a_disconnect_frees_the_engine(
         await async_write_event(SynthesizeChunk(text="Good evening, the front door ").event(), writer)
         first = await asyncio.wait_for(async_read_event(reader), timeout=30)
         assert first.type == "audio-start"
-        await asyncio.sleep(0.5)  # let it use up the words it has
+        await frames_settled(frames)  # it uses up the words it has, however slow this machine is
         before_frames, before_cpu = frames.frames_generated, process_cpu_seconds()
         await asyncio.sleep(1.5)  # the stall: connected, no text
         stalled_frames, stalled_cpu = frames.frames_generated - before_frames, process_cpu_seconds() - before_cpu

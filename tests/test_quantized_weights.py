@@ -149,6 +149,11 @@ async def test_a_quantized_engine_streams_speech_through_wyoming(checkpoints, tm
 
 
 def test_a_compiled_int8_code_predictor_runs_the_int8_kernel_and_draws_the_uncompiled_codes(checkpoints, caplog, monkeypatch):
+    # Dynamo must trace the whole loop (fullgraph) through the int8 operator and its fake; the
+    # backend here is aot_eager, since inductor's C++ build of a 15-step graph takes minutes on
+    # 2 cores. `benchmarks/quantize_speed.py --modes int8-compiled` runs the inductor build.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph=False, **_: real_compile(fn, fullgraph=fullgraph, backend="aot_eager"))
     wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int8")))
     sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
     prompt = build_prompt(wrapper, "Good night.", PresetSpeaker("aiden"), "english", non_streaming_mode=True)
@@ -167,6 +172,7 @@ def test_a_compiled_int8_code_predictor_runs_the_int8_kernel_and_draws_the_uncom
     assert torch.equal(ours, seeded_codes(FrameGenerator(wrapper.model)))
 
     # The compiled graph calls fbgemm's product for every layer of every step (none is traced away).
+    monkeypatch.undo()
     products = []
     real_product = Int8Weights.product
     monkeypatch.setattr(Int8Weights, "product", lambda self, spread: products.append(spread.shape) or real_product(self, spread))
@@ -182,3 +188,4 @@ def test_a_compiled_int8_code_predictor_runs_the_int8_kernel_and_draws_the_uncom
     assert compiled.predictor.compiled_frames == ours.shape[0] + 1
     per_step = 4 * len(predictor.model.layers) + 1 + (0 if isinstance(predictor.small_to_mtp_projection, torch.nn.Identity) else 1)
     assert len(products) == eager_calls == len(predictor.lm_head) * per_step
+    monkeypatch.undo()
