@@ -226,6 +226,20 @@ def stock_run(engine: SpeechEngine, frames: int) -> tuple[float, float]:
     return seconds, produced / seconds
 
 
+def sentence_tokens(checkpoint: str) -> str:
+    """How many text tokens the checkpoint's tokenizer makes of TEXT: an up-front prompt holds them all."""
+    from transformers import AutoTokenizer
+
+    from wyoming_qwen3tts.dev.text_tokenizer import QWEN_VOCAB_SIZE
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    count = len(tokenizer(TEXT)["input_ids"])
+    if len(tokenizer) == QWEN_VOCAB_SIZE:
+        return f"the sentence is {count} text tokens (Qwen's vocabulary, as the real model splits it)"
+    return (f"the sentence is {count} text tokens (a small trained vocabulary of {len(tokenizer)}; "
+            "Qwen's makes 31, so up-front prompts here are longer than real ones)")
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -344,7 +358,7 @@ def render(args, device, stock, rows, newcomer, memory, per_frame) -> str:
         f"`{Path(args.checkpoint).name}`, our code predictor {'compiled' if args.compile else 'uncompiled'}, "
         f"{torch.get_num_threads()} threads",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
-        "the checkpoint's sampling settings",
+        f"the checkpoint's sampling settings; {sentence_tokens(args.checkpoint)}",
         "",
         "| path | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | real-time factor per stream |",
         "|---|---|---|---|---|---|---|---|",

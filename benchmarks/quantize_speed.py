@@ -25,7 +25,17 @@ from pathlib import Path
 
 import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 import torch
-from bench import FRAME_SECONDS, ServerThread, _free_port, machine, one_stream, one_streamed, rss_mib, silence_end_of_speech
+from bench import (
+    FRAME_SECONDS,
+    ServerThread,
+    _free_port,
+    machine,
+    one_stream,
+    one_streamed,
+    rss_mib,
+    sentence_tokens,
+    silence_end_of_speech,
+)
 from report import write_report
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
@@ -157,7 +167,7 @@ def main() -> int:
     base = next((row for row in rows if row["setting"] == "none"), rows[0])
     lines = [
         f"- machine: {machine()}; torch {torch.__version__}; checkpoint `{Path(args.checkpoint).name}`, {args.frames}-frame utterance "
-        f"({args.frames * FRAME_SECONDS:.1f} s of audio) through the Wyoming server, end-of-speech code off, best of {args.repeats}",
+        f"({args.frames * FRAME_SECONDS:.1f} s of audio) through the Wyoming server, end-of-speech code off, best of {args.repeats}; {sentence_tokens(args.checkpoint)}",
         "- kernels: " + "; ".join(f"{mode}: {kernel.kernel}" for mode, kernel in KERNELS.items()),
         "- read bandwidth (1 GiB, summed or multiplied by one row, the faster): " + ", ".join(f"{t} thread{'s' * (t > 1)} {b / 1e9:.1f} GB/s" for t, b in bandwidth.items()),
         "",

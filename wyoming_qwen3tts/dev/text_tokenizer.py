@@ -1,4 +1,11 @@
-"""A small Qwen2-style byte-level BPE text tokenizer, trained offline for test checkpoints."""
+"""The text tokenizer of a generated checkpoint, in the layout the package loads.
+
+Two kinds:
+
+* a small Qwen2-style byte-level BPE trained offline on a few lines (tiny test checkpoints);
+* Qwen's own vocabulary, rebuilt from its BPE ranks (real-size checkpoints for benchmarks: the
+  prompts are as long as the real model's).
+"""
 
 from __future__ import annotations
 
@@ -33,8 +40,8 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ! ? ; : - ' " ( ).
 
 
 @dataclass(frozen=True)
-class TinyTokenIds:
-    """Ids of the special tokens in the generated text tokenizer."""
+class TextTokenIds:
+    """Ids of the special tokens in a generated text tokenizer."""
 
     endoftext: int
     im_start: int
@@ -46,7 +53,7 @@ class TinyTokenIds:
     vocab_size: int
 
 
-def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TinyTokenIds:
+def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TextTokenIds:
     """Train a small Qwen2-style byte-level BPE offline and save it as the package loads it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken, Qwen2TokenizerFast
@@ -68,6 +75,77 @@ def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TinyTokenIds:
     tokenizer.train_from_iterator([_CORPUS] * 20, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
 
+    return _save(tokenizer, out)
+
+
+# Where the published checkpoints put their special tokens (their config.json names the
+# ids of <|im_start|>, <|im_end|> and the three tts tokens). The ids between them belong to
+# Qwen's other special tokens; here they are placeholders, never produced from text.
+QWEN_SPECIAL_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<tts_pad>": 151671,
+    "<tts_text_bos>": 151672,
+    "<tts_text_eod>": 151673,
+}
+QWEN_VOCAB_SIZE = 151676  # the published tokenizer's length, special tokens included
+
+
+def bpe_from_ranks(ranks: dict[bytes, int]):
+    """A byte-level BPE that splits words as tiktoken does with these ranks (no special tokens).
+
+    tiktoken joins, anywhere in a word, the adjacent pair whose joined bytes have the lowest
+    rank. A BPE model does the same when every split of every ranked token into two ranked
+    halves is a merge, ordered by the joined token's rank.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    as_text = bytes_to_unicode()
+
+    def text_of(token: bytes) -> str:
+        return "".join(as_text[byte] for byte in token)
+
+    vocab = {text_of(token): rank for token, rank in ranks.items()}
+    merges = sorted(
+        (rank, ranks[token[:cut]], text_of(token[:cut]), text_of(token[cut:]))
+        for token, rank in ranks.items()
+        for cut in range(1, len(token))
+        if token[:cut] in ranks and token[cut:] in ranks
+    )
+    tokenizer = Tokenizer(
+        models.BPE(vocab, [(left, right) for _, _, left, right in merges], fuse_unk=False, ignore_merges=True)
+    )
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def write_qwen_tokenizer(out: Path, ranks: dict[bytes, int]) -> TextTokenIds:
+    """Qwen's tokenizer from its BPE ranks (``qwen_vocabulary.read_ranks``), saved as the package loads it."""
+    from transformers import AddedToken
+
+    first = min(QWEN_SPECIAL_IDS.values())
+    if len(ranks) != first:
+        raise ValueError(f"Qwen's vocabulary has {first} ranked tokens, this file {len(ranks)}")
+    tokenizer = bpe_from_ranks(ranks)
+    by_id = {token_id: name for name, token_id in QWEN_SPECIAL_IDS.items()}
+    specials = [by_id.get(i, f"<|qwen_reserved_{i}|>") for i in range(first, QWEN_VOCAB_SIZE)]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return _save(tokenizer, out)
+
+
+def _save(tokenizer, out: Path) -> TextTokenIds:
+    """Save as a Qwen2 fast tokenizer and check what the package's chat template needs."""
+    from transformers import Qwen2TokenizerFast
+
     fast = Qwen2TokenizerFast(
         tokenizer_object=tokenizer,
         unk_token=None,
@@ -85,7 +163,7 @@ def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TinyTokenIds:
             raise RuntimeError(f"tokenizer splits {piece!r} into {ids}; the package needs one token")
 
     ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    return TinyTokenIds(
+    return TextTokenIds(
         endoftext=ids["<|endoftext|>"],
         im_start=ids["<|im_start|>"],
         im_end=ids["<|im_end|>"],

@@ -12,6 +12,11 @@ preprocessor_config.json}``, so both our loader and ``Qwen3TTSModel.from_pretrai
 exactly as they open a real checkpoint.
 
     python -m wyoming_qwen3tts.dev.tiny_checkpoint OUT --kind custom_voice|base [--size tiny|real-0.6b]
+        [--text-vocabulary qwen.tiktoken]
+
+The text tokenizer is a small one trained on a few lines, or, with ``--text-vocabulary``, Qwen's
+own (see ``qwen_vocabulary``): benchmarks need it, or every prompt is about twice as long as the
+real model's.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,8 @@ import torch
 
 from ..engine.qwen_import import import_qwen_tts
 from .published_layout import complete_codec_config, complete_model_config
-from .text_tokenizer import TinyTokenIds, write_text_tokenizer
+from .qwen_vocabulary import read_ranks
+from .text_tokenizer import TextTokenIds, write_qwen_tokenizer, write_text_tokenizer
 
 KINDS = ("custom_voice", "base")
 SIZES = ("tiny", "real-0.6b")
@@ -62,7 +69,7 @@ def _real_dimensions() -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def model_config(kind: str, size: str, ids: TinyTokenIds) -> dict[str, Any]:
+def model_config(kind: str, size: str, ids: TextTokenIds) -> dict[str, Any]:
     """The top-level config.json for a checkpoint of this kind and size."""
     real = _real_dimensions()
     talker_real = real["talker"]
@@ -253,8 +260,18 @@ def _randomise_talker_scale(model: torch.nn.Module, generator: torch.Generator) 
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
-def build_checkpoint(out: Path, kind: str = "custom_voice", size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint folder and return its path."""
+def build_checkpoint(
+    out: Path,
+    kind: str = "custom_voice",
+    size: str = "tiny",
+    seed: int = 0,
+    text_vocabulary: Path | None = None,
+) -> Path:
+    """Write a random-weight checkpoint folder and return its path.
+
+    ``text_vocabulary``: Qwen's BPE ranks file (``qwen.tiktoken``) for a tokenizer that splits
+    text as the real model's does; without it, a small trained one.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     if size not in SIZES:
@@ -271,7 +288,17 @@ def build_checkpoint(out: Path, kind: str = "custom_voice", size: str = "tiny", 
     # As published: the model in bfloat16, the codec in float32.
     save_dtype = torch.bfloat16 if size == "real-0.6b" else torch.float32
 
-    ids = write_text_tokenizer(out)
+    if text_vocabulary is not None:
+        ids = write_qwen_tokenizer(out, read_ranks(Path(text_vocabulary)))
+    else:
+        if size == "real-0.6b":
+            print(
+                "warning: a small text tokenizer splits English into about 2.3x the real model's "
+                "tokens, so prompts and prefills are longer than real ones; for benchmarks pass "
+                "--text-vocabulary (python -m wyoming_qwen3tts.dev.qwen_vocabulary fetches it)",
+                file=sys.stderr,
+            )
+        ids = write_text_tokenizer(out)
     config_dict = complete_model_config(model_config(kind, size, ids), ids.assistant)
     config = Qwen3TTSConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
     model = Qwen3TTSForConditionalGeneration(config)
@@ -308,8 +335,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=KINDS, default="custom_voice")
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--text-vocabulary",
+        type=Path,
+        help="Qwen's BPE ranks (qwen.tiktoken; python -m wyoming_qwen3tts.dev.qwen_vocabulary fetches it)",
+    )
     args = parser.parse_args(argv)
-    path = build_checkpoint(args.out, kind=args.kind, size=args.size, seed=args.seed)
+    path = build_checkpoint(
+        args.out, kind=args.kind, size=args.size, seed=args.seed, text_vocabulary=args.text_vocabulary
+    )
     print(path)
 
 
