@@ -267,7 +267,7 @@ async def test_a_stream_waiting_for_text_sits_out_and_rejoins(engine):
         streaming.append_text(text[:cut])
         plain = start(engine, STREAM_TEXTS[3], "serena")
         plain_audio = asyncio.create_task(_collect(plain))
-        await asyncio.sleep(0.3)  # the streaming row uses up its words, then waits
+        await sat_out(steps, streaming.id)  # it uses up its words, however slow this machine is
         during_stall = len(steps.steps)
         await asyncio.sleep(0.3)
         stalled = steps.steps[during_stall:]
@@ -285,6 +285,19 @@ async def test_a_stream_waiting_for_text_sits_out_and_rejoins(engine):
     with CodeRecorder(engine) as alone:
         [chunk async for chunk in up_front]
     assert torch.equal(codes.of(streaming), alone.of(up_front))
+
+
+async def sat_out(steps: StepRecorder, job_id: int, timeout: float = 20.0) -> None:
+    """Return once the last two steps went without ``job_id`` (or after ``timeout``: a row that
+    never sits out then fails the check that follows)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        with steps.lock:
+            recent = steps.steps[-2:]
+        if len(recent) == 2 and all(job_id not in step for step in recent):
+            return
+        await asyncio.sleep(0.005)
 
 
 async def _collect(job):

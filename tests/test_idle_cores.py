@@ -130,21 +130,27 @@ async def test_a_request_on_an_idle_server_starts_on_every_core(engine, monkeypa
 
 
 async def test_while_the_codec_decodes_the_model_keeps_to_its_own_threads_and_makes_the_same_codes(engine, monkeypatch):
+    """A request that arrives while every decode thread is busy: the model keeps to its own
+    threads, and the request's first chunk decodes on the model thread, not behind the queue."""
     with CodeRecorder(engine) as codes:
         idle = start(engine)
         idle_audio = [chunk async for chunk in idle]
         decodes = DecodeCalls(engine, monkeypatch)
         with ThreadCounts(engine, monkeypatch) as counts, codec_held(engine):
             busy = start(engine)
-            for _ in range(500):  # its chunks wait behind the held codec; the frames do not
+            chunks = aiter(busy)
+            # The hold lasts up to 30 s: a first chunk queued behind it would not come in 10.
+            first = await asyncio.wait_for(anext(chunks), 10)
+            for _ in range(500):  # its later chunks wait behind the held codec; the frames do not
                 if len(counts.steps) == FRAMES:
                     break
                 await asyncio.sleep(0.01)
-        audio = [chunk async for chunk in busy]
+        audio = [first] + [chunk async for chunk in chunks]
     assert counts.prefills == [1] and counts.steps == [1] * FRAMES
     assert sum(chunk.frames for chunk in audio) == FRAMES
     assert torch.equal(codes.of(busy), codes.of(idle)), "the thread count changed the codes"
-    assert decodes.calls and all(name != MODEL_THREAD and threads == 1 for name, threads, _frames in decodes.calls)
+    assert decodes.calls[0] == (MODEL_THREAD, 1, [0]), "the first chunk decodes at once, on the model's own threads"
+    assert len(decodes.calls) > 1 and all(name != MODEL_THREAD and threads == 1 for name, threads, _frames in decodes.calls[1:])
     # The codec's convolutions may round differently on two threads: the same audio within float noise.
     np.testing.assert_allclose(np.concatenate([c.audio for c in audio]), np.concatenate([c.audio for c in idle_audio]), atol=1e-5)
 

@@ -194,9 +194,9 @@ class EngineWorker:
             job._fail(err)
             return None
 
-    def _step(self, batch: list[SynthesisJob], decode_first_chunks: bool = False) -> None:
-        """One batched step; ``decode_first_chunks``: decode the chunks that open a request here,
-        before queuing the rest (see `_decode_here`)."""
+    def _step(self, batch: list[SynthesisJob]) -> None:
+        """One batched step; the chunks that open a request decode here, the rest are queued (see
+        `_decode_here`)."""
         runtime = batch[0].runtime
         try:
             chunks = runtime.step([job.current for job in batch])
@@ -214,8 +214,7 @@ class EngineWorker:
             listener([job.id for job in batch])
         to_decode = [self._guarded(job, lambda job=job, chunk=chunk: job._stepped(chunk)) for job, chunk in zip(batch, chunks)]
         to_decode = [item for item in to_decode if item is not None]
-        if decode_first_chunks:
-            to_decode = self._decode_here(to_decode)
+        to_decode = self._decode_here(to_decode)
         if to_decode:
             self.decode_later(to_decode)
 
@@ -223,11 +222,17 @@ class EngineWorker:
     def _decode_here(chunks: list[ChunkToDecode]) -> list[ChunkToDecode]:
         """Decode the chunks that open a request on this thread, now; the others, to queue.
 
-        Called in a round that runs on every core because the codec is idle: a request's first
-        chunk then decodes on every core too (2 cores: 58 instead of 80 ms for one frame of the
-        real-size codec), and its listener hears it that much sooner. Its next frame waits for
-        that; later chunks overlap generation on the decode threads as usual. Nothing of the
-        request is queued yet, so its chunks stay in order.
+        A request's first chunk is the whole of its wait for first audio, and the decode queue is
+        no place to wait: its deadline (the request's arrival) is later than those of streams
+        already behind, and the decode threads may be in the middle of a call of up to
+        `decode_frames` frames. Decoded here, it costs the streams of the next step one short
+        chunk's decoding (a real-size frame: 80-90 ms on one core), and nothing while the codec
+        bounds them: their frames would wait for the codec anyway. Measured on 2 cores (int8,
+        real-size), a request arriving while 3 others stream heard its first audio after
+        1.1-1.3 s instead of 2.0 s. In a round that starts while the codec idles this runs on
+        every core (2 cores: 58 instead of 80 ms for one frame). The request's next frame waits
+        for it; later chunks overlap generation on the decode threads. Nothing of the request is
+        queued yet, so its chunks stay in order.
         """
         # A cloned voice's first chunk first decodes its reference sample (seconds of audio): not
         # on the thread every stream's next frame waits for.
@@ -238,9 +243,8 @@ class EngineWorker:
         return [chunk for chunk in chunks if id(chunk) not in decoded]
 
     @contextmanager
-    def _cores_while_codec_idle(self) -> Iterator[bool]:
-        """The model thread on ``idle_codec_threads`` threads if nothing is being decoded (and
-        whether it is).
+    def _cores_while_codec_idle(self) -> Iterator[None]:
+        """The model thread on ``idle_codec_threads`` threads if nothing is being decoded.
 
         The cores kept free for decoding idle whenever the codec has caught up: on an idle server
         through a new request's prefill, first frame and first chunk (its wait for first audio;
@@ -253,11 +257,11 @@ class EngineWorker:
         """
         threads = torch.get_num_threads()
         if not self._idle_codec_threads or self._idle_codec_threads <= threads or not self._decoder.idle:
-            yield False
+            yield
             return
         torch.set_num_threads(self._idle_codec_threads)
         try:
-            yield True
+            yield
         finally:
             torch.set_num_threads(threads)
 
@@ -266,11 +270,11 @@ class EngineWorker:
             if round_.task is not None:
                 self._run_task(*round_.task)
                 continue
-            with self._cores_while_codec_idle() as every_core:
+            with self._cores_while_codec_idle():
                 for job in round_.text_news:
                     self._guarded(job, job._take_text)
                 if round_.prefill is not None:
                     self._guarded(round_.prefill, round_.prefill._prefill)
                 batch = self._next_batch()
                 if batch:
-                    self._step(batch, decode_first_chunks=every_core)
+                    self._step(batch)
