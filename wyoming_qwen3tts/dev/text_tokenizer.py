@@ -53,12 +53,11 @@ class TextTokenIds:
     vocab_size: int
 
 
-def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TextTokenIds:
-    """Train a small Qwen2-style byte-level BPE offline and save it as the package loads it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2TokenizerFast
+def _qwen2_byte_level(model):
+    """A tokenizer around a BPE ``model`` with Qwen2's normalizer, word split and byte mapping."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -67,6 +66,15 @@ def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TextTokenIds:
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def write_text_tokenizer(out: Path, vocab_size: int = 600) -> TextTokenIds:
+    """Train a small Qwen2-style byte-level BPE offline and save it as the package loads it."""
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import AddedToken
+
+    tokenizer = _qwen2_byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -99,7 +107,7 @@ def bpe_from_ranks(ranks: dict[bytes, int]):
     rank. A BPE model does the same when every split of every ranked token into two ranked
     halves is a merge, ordered by the joined token's rank.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import models
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     as_text = bytes_to_unicode()
@@ -114,18 +122,9 @@ def bpe_from_ranks(ranks: dict[bytes, int]):
         for cut in range(1, len(token))
         if token[:cut] in ranks and token[cut:] in ranks
     )
-    tokenizer = Tokenizer(
+    return _qwen2_byte_level(
         models.BPE(vocab, [(left, right) for _, _, left, right in merges], fuse_unk=False, ignore_merges=True)
     )
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
 
 
 def write_qwen_tokenizer(out: Path, ranks: dict[bytes, int]) -> TextTokenIds:
