@@ -12,8 +12,10 @@ Each round of the model thread:
 
 Rows join a batch as soon as they are prefilled and leave it when they finish, are cancelled,
 fail, or wait for text. Audio is decoded on decode threads (`DecodeQueue`), also earliest
-deadline first, so that decoding overlaps generation; a round that starts while nothing is being
-decoded runs on every core. Cancelling a job takes effect before its next step.
+deadline first, so that decoding overlaps generation; a request's first chunk, its listener's
+whole wait, decodes on the model thread right after the step that made it. A round that starts
+while nothing is being decoded runs on every core. Cancelling a job takes effect before its next
+step.
 """
 
 from __future__ import annotations
