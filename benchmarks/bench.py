@@ -236,8 +236,8 @@ def sentence_tokens(checkpoint: str) -> str:
     count = len(tokenizer(TEXT)["input_ids"])
     if len(tokenizer) == QWEN_VOCAB_SIZE:
         return f"the sentence is {count} text tokens (Qwen's vocabulary, as the real model splits it)"
-    return (f"the sentence is {count} text tokens (a small trained vocabulary of {len(tokenizer)}; "
-            "Qwen's makes 31, so up-front prompts here are longer than real ones)")
+    return (f"the sentence is {count} text tokens (a small trained vocabulary of {len(tokenizer)}, which "
+            "splits text finer than Qwen's: up-front prompts here are longer than real ones)")
 
 
 def machine() -> str:
