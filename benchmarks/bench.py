@@ -15,6 +15,8 @@ Measured in one run, on one machine:
   real-time factor and first audio (with `--unbatched`, the same again one row per step);
 * the first audio of a request that arrives while three others stream, against an idle server;
 * memory after loading (RSS, and CUDA memory on a GPU).
+With `--codec-process off,on`, the concurrency rows and the newcomer run once with the codec on
+threads of the server's process and once in a process of its own (`engine/codec_process.py`).
 Prints a table and writes BENCHMARKS.md (or --output).
 """
 
@@ -38,6 +40,7 @@ import torch
 from report import write_report
 
 from wyoming_qwen3tts.engine.allocator import memory_allocator
+from wyoming_qwen3tts.engine.codec_process import CodecProcess
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import parameter_bytes
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
@@ -83,8 +86,8 @@ class BurstResult:
         return max(r.ended for r in self.streams) - min(r.started for r in self.streams)
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
+def rss_mib(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -270,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
     parser.add_argument("--unbatched", action="store_true", help="also measure each concurrency with one row per step")
+    parser.add_argument(
+        "--codec-process",
+        default="off",
+        help="where audio decodes: off (threads of the server's process, the default) or on (a process of its "
+        "own); comma-separated to compare, e.g. off,on",
+    )
     parser.add_argument("--no-stock", action="store_true", help="skip the stock path (and the cost-of-one-more-frame figures)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
@@ -277,52 +286,59 @@ def main(argv: list[str] | None = None) -> int:
 
     load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize)
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
-    rss_before = rss_mib()
-    engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop, max_batch=args.max_batch))
-    runtime = engine.runtimes["custom_voice"]
-    device = runtime.wrapper.device
-    memory = {"custom_voice_weights_mib": parameter_bytes(runtime.wrapper.model) / 2**20, "rss_custom_voice_mib": rss_mib() - rss_before}
-    if device.type == "cuda":
-        memory["cuda_custom_voice_mib"] = torch.cuda.memory_allocated() / 2**20
-    silence_end_of_speech(engine)
+    stock = per_frame = memory = device = None
+    rows, newcomers = [], {}
+    for codec in [c.strip() for c in args.codec_process.split(",") if c.strip()]:
+        rss_before = rss_mib()
+        options = EngineOptions(model=args.checkpoint, load=load, stop=stop, max_batch=args.max_batch, codec_process=codec == "on")
+        engine = SpeechEngine.load(options)
+        runtime = engine.runtimes["custom_voice"]
+        where = "own process" if isinstance(runtime.decoder, CodecProcess) else "threads"
+        if memory is None:
+            device = runtime.wrapper.device
+            memory = {"custom_voice_weights_mib": parameter_bytes(runtime.wrapper.model) / 2**20, "rss_custom_voice_mib": rss_mib() - rss_before}
+            if device.type == "cuda":
+                memory["cuda_custom_voice_mib"] = torch.cuda.memory_allocated() / 2**20
+        if isinstance(runtime.decoder, CodecProcess):
+            memory["rss_codec_process_mib"] = rss_mib(runtime.decoder.pid)
+        silence_end_of_speech(engine)
 
-    # Warm up both paths (first calls allocate and load kernels).
-    if not args.no_stock:
-        stock_run(engine, 2)
-    port = _free_port()
-    settings = Settings(wyoming=WyomingOptions(uri=f"tcp://127.0.0.1:{port}"))
-    server = ServerThread(engine, settings)
-    asyncio.run(one_stream(port, "Ryan"))
+        # Warm up both paths (first calls allocate and load kernels).
+        if not args.no_stock and stock is None:
+            stock_run(engine, 2)
+        port = _free_port()
+        settings = Settings(wyoming=WyomingOptions(uri=f"tcp://127.0.0.1:{port}"))
+        server = ServerThread(engine, settings)
+        asyncio.run(one_stream(port, "Ryan"))
 
-    stock = per_frame = None
-    if not args.no_stock:
-        stock = min((stock_run(engine, args.frames) for _ in range(args.repeats)), key=lambda r: r[0])
-        # Marginal cost of one more frame: the difference between a long and a short utterance.
-        short = max(2, args.frames // 5)
-        stock_short = min(stock_run(engine, short)[0] for _ in range(args.repeats))
-        ours_long = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
-        server.engine.options = replace(server.engine.options, stop=replace(stop, base_frames=short, max_frames=short))
-        ours_short = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
-        server.engine.options = replace(server.engine.options, stop=stop)
-        per_frame = {
-            "stock": (stock[0] - stock_short) / (args.frames - short),
-            "ours": (ours_long - ours_short) / (args.frames - short),
-        }
-    batched = engine.worker.max_batch
-    rows = []
-    for max_batch in ([batched, 1] if args.unbatched and batched > 1 else [batched]):
-        engine.worker.max_batch = max_batch
-        for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
-            burst = max(
-                (asyncio.run(concurrent_streams(port, count)) for _ in range(args.repeats)),
-                key=lambda b: b.aggregate_frames_per_second,
-            )
-            rows.append((max_batch, count, burst))
-    engine.worker.max_batch = batched
-    idle = min(asyncio.run(one_stream(port, "Ryan")).first_audio for _ in range(args.repeats))
-    busy = min(asyncio.run(newcomer_first_audio(port)) for _ in range(args.repeats))
-    newcomer = {"idle": idle, "busy": busy}
-    server.stop()
+        if not args.no_stock and stock is None:
+            stock = min((stock_run(engine, args.frames) for _ in range(args.repeats)), key=lambda r: r[0])
+            # Marginal cost of one more frame: the difference between a long and a short utterance.
+            short = max(2, args.frames // 5)
+            stock_short = min(stock_run(engine, short)[0] for _ in range(args.repeats))
+            ours_long = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+            server.engine.options = replace(server.engine.options, stop=replace(stop, base_frames=short, max_frames=short))
+            ours_short = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+            server.engine.options = replace(server.engine.options, stop=stop)
+            per_frame = {
+                "stock": (stock[0] - stock_short) / (args.frames - short),
+                "ours": (ours_long - ours_short) / (args.frames - short),
+            }
+        batched = engine.worker.max_batch
+        for max_batch in ([batched, 1] if args.unbatched and batched > 1 else [batched]):
+            engine.worker.max_batch = max_batch
+            for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
+                burst = max(
+                    (asyncio.run(concurrent_streams(port, count)) for _ in range(args.repeats)),
+                    key=lambda b: b.aggregate_frames_per_second,
+                )
+                rows.append((where, max_batch, count, burst))
+        engine.worker.max_batch = batched
+        idle = min(asyncio.run(one_stream(port, "Ryan")).first_audio for _ in range(args.repeats))
+        busy = min(asyncio.run(newcomer_first_audio(port)) for _ in range(args.repeats))
+        newcomers[where] = {"idle": idle, "busy": busy}
+        server.stop()
+        engine.close()
 
     if args.base:
         rss_before = rss_mib()
@@ -335,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     memory["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
         memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    engine.close()
 
-    report = render(args, device, stock, rows, newcomer, memory, per_frame)
+    report = render(args, device, stock, rows, newcomers, memory, per_frame)
     print(report)
     write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
     return 0
@@ -351,7 +366,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render(args, device, stock, rows, newcomer, memory, per_frame) -> str:
+def render(args, device, stock, rows, newcomers, memory, per_frame) -> str:
     lines = [
         f"- machine: {machine()}",
         f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
@@ -360,33 +375,34 @@ def render(args, device, stock, rows, newcomer, memory, per_frame) -> str:
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
         f"the checkpoint's sampling settings; {sentence_tokens(args.checkpoint)}",
         "",
-        "| path | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | real-time factor per stream |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | codec decodes on | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | real-time factor per stream |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if stock is not None:
         stock_seconds, stock_fps = stock
         lines.append(
-            f"| stock generate_custom_voice | 1 | 1 | {stock_seconds:.3f} (all at the end) | {stock_seconds:.3f} | "
+            f"| stock generate_custom_voice | the model's thread | 1 | 1 | {stock_seconds:.3f} (all at the end) | {stock_seconds:.3f} | "
             f"{stock_fps:.1f} | | {stock_fps * FRAME_SECONDS:.2f} |"
         )
     single = {}
-    for max_batch, count, burst in rows:
+    for where, max_batch, count, burst in rows:
         streams = burst.streams
         aggregate = burst.aggregate_frames_per_second
-        single.setdefault(max_batch, aggregate if count == 1 else None)
-        base = single[max_batch]
+        single.setdefault((where, max_batch), aggregate if count == 1 else None)
+        base = single[(where, max_batch)]
         first = statistics.median(r.first_audio for r in streams)
         rtf = statistics.median(r.frames_per_second for r in streams) * FRAME_SECONDS
         lines.append(
-            f"| ours, Wyoming server | {max_batch} | {count} | {first:.3f} (median), {max(r.first_audio for r in streams):.3f} (max) | "
+            f"| ours, Wyoming server | {where} | {max_batch} | {count} | {first:.3f} (median), {max(r.first_audio for r in streams):.3f} (max) | "
             f"{burst.wall:.3f} | {aggregate:.1f} | {f'{aggregate / base:.2f}x' if base else ''} | {rtf:.2f} (min {min(r.frames_per_second for r in streams) * FRAME_SECONDS:.2f}) |"
         )
     lines.append("")
-    lines.append(
-        f"- first audio of a request arriving while 3 others stream: {newcomer['busy']:.3f} s, idle server "
-        f"{newcomer['idle']:.3f} s (**{newcomer['busy'] / newcomer['idle']:.2f}x**)"
-    )
-    one = next((burst for _mb, count, burst in rows if count == 1), None)
+    for where, newcomer in newcomers.items():
+        lines.append(
+            f"- first audio of a request arriving while 3 others stream (codec on {where}): {newcomer['busy']:.3f} s, "
+            f"idle server {newcomer['idle']:.3f} s (**{newcomer['busy'] / newcomer['idle']:.2f}x**)"
+        )
+    one = next((burst for _where, _mb, count, burst in rows if count == 1), None)
     if stock is not None and one is not None:
         stream = one.streams[0]
         lines += [

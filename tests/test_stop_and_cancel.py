@@ -199,3 +199,30 @@ async def test_a_failing_decode_fails_only_its_request(engine, monkeypatch, capl
             break
         await asyncio.sleep(0.05)
     assert engine.worker.active_jobs == 0
+
+
+async def test_a_chunk_that_fails_to_decode_after_the_last_step_fails_the_request(engine, monkeypatch):
+    runtime = engine.runtimes["custom_voice"]
+    decode = runtime.decoder.decode_batch
+    generated_all = threading.Event()
+
+    def last_chunk_breaks(states, codes):
+        if states[0].frames + codes[0].shape[0] >= 60:
+            # The model has made every frame and the job has ended before this chunk decodes.
+            assert generated_all.wait(10), "the job never finished generating"
+            raise RuntimeError("codec exploded on the last chunk")
+        return decode(states, codes)
+
+    monkeypatch.setattr(runtime.decoder, "decode_batch", last_chunk_breaks)
+    job = engine.start(PresetSpeaker("Ryan"), RequestOptions(sampling=GREEDY))
+    job.add_text(LONG_TEXT)
+    job.finish()
+    for _ in range(500):
+        if job.done:
+            break
+        await asyncio.sleep(0.02)
+    assert job.done, "every frame made"
+    generated_all.set()
+    with pytest.raises(RuntimeError, match="codec exploded on the last chunk"):
+        async for _chunk in job:
+            pass

@@ -163,6 +163,12 @@ def test_streams_per_step_suit_the_device_unless_set():
     assert Settings.from_args([], {"QWEN3TTS_MAX_BATCH": "2"}).engine.batch_size("cpu") == 2
 
 
+def test_audio_decodes_on_threads_unless_a_codec_process_is_asked_for():
+    assert Settings.from_args([], {}).engine.codec_process is False
+    assert Settings.from_args(["--codec-process"], {}).engine.codec_process is True
+    assert Settings.from_args([], {"QWEN3TTS_CODEC_PROCESS": "true"}).engine.codec_process is True
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [

@@ -90,6 +90,9 @@ class StreamingCodecDecoder:
     def new_state(self) -> DecoderState:
         return DecoderState()
 
+    def close(self) -> None:
+        """Nothing to release: it decodes in this process (`CodecProcess` has a child to end)."""
+
     def decode(self, state: DecoderState, codes: torch.Tensor) -> torch.Tensor:
         """Waveform (float32, [frames * 1920]) for ``codes`` ([frames, 16]) continuing ``state``."""
         return self.decode_batch([state], [codes])[0]

@@ -13,6 +13,7 @@ import torch
 
 from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, RequestOptions, VoiceSpec
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
+from .codec_process import CodecProcess, CodecProcessError
 from .allocator import ADVICE, memory_allocator
 from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement, usable_cores
 from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions
@@ -77,6 +78,25 @@ class SpeechEngine:
             # The inductor reads its cache location from the environment only.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
         runtimes: dict[str, ModelRuntime] = {}
+        # Started first: the child imports PyTorch and the package while the model loads here.
+        codec_process = cls._codec_process(placement) if options.codec_process else None
+        try:
+            cls._load_models(options, placement, max_batch, runtimes, codec_process)
+        except BaseException:
+            cls._close_decoders(runtimes)
+            if codec_process is not None:
+                codec_process.close()
+            raise
+        return cls(runtimes, options)
+
+    @staticmethod
+    def _codec_process(placement) -> CodecProcess:
+        cpu = placement.device.type == "cpu"
+        # One pipe for each thread that decodes: the decode threads and the model thread (first chunks).
+        return CodecProcess(channels=(CPU_DECODE_THREADS if cpu else 1) + 1, threads=placement.threads)
+
+    @staticmethod
+    def _load_models(options: EngineOptions, placement, max_batch: int, runtimes: dict, codec_process) -> None:
         for role, name in ((CUSTOM_VOICE, options.model), (BASE, options.clone_model)):
             if not name:
                 continue
@@ -86,12 +106,21 @@ class SpeechEngine:
             if kind != role:
                 raise ValueError(f"{name} is a {kind} checkpoint, but the {role} model is expected here")
             decoder = None
+            shares_codec = False
             if role == BASE and CUSTOM_VOICE in runtimes:
                 shared = runtimes[CUSTOM_VOICE]
                 if codecs_identical(shared.wrapper.model.speech_tokenizer.model, wrapper.model.speech_tokenizer.model):
                     wrapper.model.load_speech_tokenizer(shared.wrapper.model.speech_tokenizer)
-                    decoder = shared.decoder
+                    decoder, shares_codec = shared.decoder, True
                     _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
+            if decoder is None and codec_process is not None:
+                process = codec_process if not runtimes else SpeechEngine._codec_process(placement)
+                try:
+                    decoder = process.attach(wrapper.model.speech_tokenizer.model.decoder)
+                except CodecProcessError as err:
+                    # Where audio decodes changes speed, never speech: serve on with decode threads.
+                    _LOGGER.warning("Decoding audio on threads of this process instead: %s", err)
+                    process.close()
             runtimes[role] = ModelRuntime.create(wrapper, decoder, folder, compile=options.load.compile, max_batch=max_batch)
             _LOGGER.info(
                 "Loaded %s (%s) on %s as %s: %.0f MiB of model weights, %.0f MiB of codec%s",
@@ -100,15 +129,21 @@ class SpeechEngine:
                 placement.device,
                 str(placement.dtype).removeprefix("torch."),
                 parameter_bytes(wrapper.model) / 2**20,
-                0 if decoder is not None else parameter_bytes(wrapper.model.speech_tokenizer.model) / 2**20,
-                " (shared)" if decoder is not None else "",
+                0 if shares_codec else parameter_bytes(wrapper.model.speech_tokenizer.model) / 2**20,
+                " (shared)" if shares_codec else "",
             )
             if placement.device.type == "cuda":
                 _LOGGER.info("GPU memory in use: %.0f MiB", torch.cuda.memory_allocated(placement.device) / 2**20)
-        return cls(runtimes, options)
 
     def close(self) -> None:
         self.worker.stop()
+        self._close_decoders(self.runtimes)
+
+    @staticmethod
+    def _close_decoders(runtimes: dict[str, ModelRuntime]) -> None:
+        """End each codec process once (two models may share one)."""
+        for decoder in {id(r.decoder): r.decoder for r in runtimes.values()}.values():
+            decoder.close()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

@@ -236,6 +236,10 @@ class SynthesisJob:
 
     def _post_end(self, item) -> None:
         self.stats.finished = time.monotonic()
+        if isinstance(item, JobDone) and self._failure is not None:
+            # A chunk failed to decode after the last step: the audio is not whole, and the
+            # listener must hear so rather than a normal end.
+            item = self._failure
         self._post(item)
 
     @property

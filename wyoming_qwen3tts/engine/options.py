@@ -125,6 +125,12 @@ class EngineOptions:
     # Most streams that share one batched step (0: what suits the device). More rows cost little
     # more than one while a step is bound by reading weights (CPU) or launching kernels (GPU).
     max_batch: int = 0
+    # Decode audio in a process of its own instead of on threads of the model's process. It pays
+    # where the model and the codec both spend their time in Python (a GPU, a small model: see
+    # `codec_process.py`) and costs a second interpreter with PyTorch (about 0.5 GB; the codec's
+    # weights are shared, not copied). Off by default: on a CPU the real model's time goes to
+    # arithmetic, and a new request's first chunk waits longer in the child.
+    codec_process: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 0:

@@ -21,6 +21,8 @@ from .utterance import CodeChunk, Utterance
 if TYPE_CHECKING:
     from qwen_tts import Qwen3TTSModel
 
+    from .codec_process import CodecProcess
+
 
 @dataclass
 class ModelRuntime:
@@ -29,7 +31,7 @@ class ModelRuntime:
 
     wrapper: "Qwen3TTSModel"
     frames: FrameGenerator
-    decoder: StreamingCodecDecoder
+    decoder: "StreamingCodecDecoder | CodecProcess"
     sampling: SamplingOptions  # the checkpoint's own defaults
     folder: Path | None = None  # where the checkpoint was loaded from
 
@@ -37,7 +39,7 @@ class ModelRuntime:
     def create(
         cls,
         wrapper: "Qwen3TTSModel",
-        decoder: StreamingCodecDecoder | None = None,
+        decoder: "StreamingCodecDecoder | CodecProcess | None" = None,
         folder: Path | None = None,
         compile: bool = False,
         max_batch: int = 1,
