@@ -286,9 +286,12 @@ def main(argv: list[str] | None = None) -> int:
 
     load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize)
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
+    codecs = [c.strip() for c in args.codec_process.split(",") if c.strip()]
+    if not codecs or any(c not in ("off", "on") for c in codecs):
+        parser.error(f"--codec-process takes off, on or both (off,on), not {args.codec_process!r}")
     stock = per_frame = memory = device = None
     rows, newcomers = [], {}
-    for codec in [c.strip() for c in args.codec_process.split(",") if c.strip()]:
+    for codec in codecs:
         rss_before = rss_mib()
         options = EngineOptions(model=args.checkpoint, load=load, stop=stop, max_batch=args.max_batch, codec_process=codec == "on")
         engine = SpeechEngine.load(options)
