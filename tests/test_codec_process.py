@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from wyoming_qwen3tts.engine.codec_process import CodecProcess, CodecProcessError
+from wyoming_qwen3tts.engine.codec_process import CodecProcess, CodecProcessError, RemoteDecoderState
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
@@ -63,11 +63,13 @@ def test_a_decode_that_fails_in_the_codec_process_fails_alone(codec_process):
 def test_the_codec_process_forgets_the_streams_that_are_gone(codec_process):
     state = codec_process.new_state()
     codec_process.decode(state, codes(1, 5))
-    forgotten = state.id
-    del state
-    assert forgotten in codec_process._released, "a dropped stream is reported to the child"
-    codec_process.decode(codec_process.new_state(), codes(1, 6))
-    assert forgotten not in codec_process._released, "and the next call tells it"
+    # A second handle to the same decoder state, without the first one's farewell.
+    same = RemoteDecoderState(state.id, state.generation, started=True)
+    codec_process.decode(same, codes(1, 6))
+    del state  # the stream is gone: the next call tells the child
+    codec_process.decode(codec_process.new_state(), codes(1, 7))
+    with pytest.raises(CodecProcessError, match="this stream's decoder state is gone"):
+        codec_process.decode(same, codes(1, 8))
 
 
 def test_after_the_codec_process_dies_its_streams_fail_and_new_ones_get_a_new_process(custom_voice_model, codec_process):

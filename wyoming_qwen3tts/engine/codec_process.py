@@ -175,7 +175,7 @@ class CodecProcess:
             self._lost(generation)
             free.put(channel)  # broken: whoever takes it next learns the same and fails the same way
             raise CodecProcessError(
-                f"the codec process ended (exit code {self._exitcode()}) while decoding; it will be started again "
+                f"the codec process ended (exit code {self._process.exitcode}) while decoding; it will be started again "
                 "for the next request. If this repeats, the log above says why (often: out of memory)"
             ) from err
         free.put(channel)
@@ -212,9 +212,6 @@ class CodecProcess:
                 if self._process.is_alive():
                     self._process.kill()
                     self._process.join(5)
-
-    def _exitcode(self) -> object:
-        return self._process.exitcode
 
     def close(self) -> None:
         with self._lock:
