@@ -10,7 +10,9 @@ import pytest
 from helpers import voice_like_sample
 
 from wyoming_qwen3tts.dev.tiny_checkpoint import build_checkpoint
+from wyoming_qwen3tts.engine import generate as generate_module
 from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
+from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 
 logging.getLogger("qwen_tts").setLevel(logging.WARNING)
 
@@ -45,3 +47,13 @@ def base_model(checkpoints, cpu_placement):
 @pytest.fixture(scope="session")
 def reference_sample() -> tuple[np.ndarray, int]:
     return voice_like_sample(), 16000
+
+
+@pytest.fixture
+def seeds_draw_for_the_top_k(monkeypatch):
+    """Seeded requests draw as unseeded ones do (for the top-k candidates only, not the stock
+    numbers), so that the compiled loop's graph, made for unseeded requests, can be checked
+    against the eager loop with the same draws."""
+    monkeypatch.setattr(
+        generate_module, "ExponentialNoise", lambda generator, stock_stream: ExponentialNoise(generator, stock_stream=False)
+    )

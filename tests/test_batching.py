@@ -43,6 +43,9 @@ class ChoiceMargins:
         def recording(logits, noise, temperature, top_k, top_p):
             if noise is None:
                 scores = logits
+            elif noise.shape[-1] < logits.shape[-1]:  # draws for the top-k candidates only
+                values = logits.topk(noise.shape[-1]).values
+                scores = sampling_module.candidate_probabilities(values, temperature, top_p).log() - noise.log()
             else:
                 probs = sampling_module.filtered_probabilities(logits, temperature, top_k, top_p)
                 scores = probs.log() - noise.log()
@@ -356,3 +359,38 @@ def test_unseeded_rows_draw_exponential_noise_and_seeded_rows_the_stock_numbers(
     assert abs(cheap.mean().item() - 1.0) < 0.01 and abs(cheap.var().item() - 1.0) < 0.03  # Exp(1)
     stock = ExponentialNoise(torch.Generator().manual_seed(2), stock_stream=True).fill(torch.empty(1000))
     assert torch.equal(stock, torch.empty(1000).exponential_(generator=torch.Generator().manual_seed(2)))
+
+
+def test_unseeded_rows_draw_for_the_top_k_candidates_and_seeded_rows_for_every_code():
+    from wyoming_qwen3tts.engine.sampling import ExponentialNoise
+
+    unseeded = ExponentialNoise(torch.Generator(), stock_stream=False)
+    seeded = ExponentialNoise(torch.Generator(), stock_stream=True)
+    assert unseeded.width(2048, 50) == 50
+    assert unseeded.width(2048, 0) == 2048, "without top-k every code is a candidate"
+    assert unseeded.width(30, 50) == 30
+    assert seeded.width(2048, 50) == 2048, "the stock numbers: one per code"
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.9, 1.0), (0.7, 0.8), (1.3, 0.3)])
+def test_a_choice_among_the_top_k_is_the_choice_over_the_vocabulary_with_the_same_draws(temperature, top_p):
+    """The top-k draws, placed at their candidates' ids (and no chance elsewhere), pick the same
+    code over the whole vocabulary: the same distribution from 40 times fewer numbers."""
+    from wyoming_qwen3tts.engine.sampling import candidate_probabilities, choose_with_noise, filtered_probabilities
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 2048, generator=generator) * 3
+    top_k = 50
+    values, ids = logits.topk(top_k)
+    draws = torch.empty(64, top_k).exponential_(generator=generator)
+    everywhere = torch.full_like(logits, float("inf")).scatter(-1, ids, draws)
+
+    among_top_k = choose_with_noise(logits, draws, temperature, top_k, top_p)
+    over_vocabulary = choose_with_noise(logits, everywhere, temperature, top_k, top_p)
+    assert torch.equal(among_top_k, over_vocabulary)
+    assert len(set(among_top_k.tolist())) > 32, "the draws, not the logits alone, decide"
+
+    full = filtered_probabilities(logits, temperature, top_k, top_p)
+    candidates = candidate_probabilities(values, temperature, top_p)
+    assert torch.allclose(full.gather(-1, ids), candidates, atol=1e-6)
+    assert torch.allclose(full.sum(-1), candidates.sum(-1)), "no probability outside the top-k"

@@ -80,13 +80,27 @@ def test_plain_layers_equal_the_package_layers_bit_for_bit(custom_voice_model):
     assert torch.equal(ours_cache.keys, theirs_cache.keys)
 
 
-def test_compiled_loop_draws_the_official_seeded_codes(custom_voice_model, compiled_generator, default_sampling):
-    official, prompt = official_seeded_codes(custom_voice_model, TEXTS[1], "Serena", seed=77)
+def test_compiled_loop_picks_the_eager_loop_s_codes_from_the_same_draws(
+    custom_voice_model, compiled_generator, default_sampling, seeds_draw_for_the_top_k
+):
+    prompt = build_prompt(custom_voice_model, TEXTS[1], PresetSpeaker("Serena"), "english", non_streaming_mode=True)
+    expected = generate(FrameGenerator(custom_voice_model.model), prompt, default_sampling.with_seed(77))
 
     compiled_before = compiled_generator.predictor.compiled_frames
     ours = generate(compiled_generator, prompt, default_sampling.with_seed(77))
     compiled = compiled_generator.predictor.compiled_frames - compiled_before
     assert compiled == len(ours), "every frame's codebooks 1-15 should come from the compiled loop"
+    assert torch.equal(ours, expected)
+
+
+def test_a_seeded_request_runs_eagerly_beside_the_compiled_loop_and_draws_the_official_codes(
+    custom_voice_model, compiled_generator, default_sampling
+):
+    official, prompt = official_seeded_codes(custom_voice_model, TEXTS[1], "Serena", seed=77)
+
+    compiled_before = compiled_generator.predictor.compiled_frames
+    ours = generate(compiled_generator, prompt, default_sampling.with_seed(77))
+    assert compiled_generator.predictor.compiled_frames == compiled_before, "its draws have another shape"
     assert torch.equal(ours, official)
 
 
@@ -139,7 +153,9 @@ def test_a_failing_compile_falls_back_to_the_same_codes_with_a_warning(
     assert "RuntimeError: backend exploded" in warnings[0] and "leave out --compile" in warnings[0]
 
 
-def test_a_compiled_batch_gives_the_uncompiled_batch_s_codes(custom_voice_model, compiled_generator, default_sampling):
+def test_a_compiled_batch_gives_the_uncompiled_batch_s_codes(
+    custom_voice_model, compiled_generator, default_sampling, seeds_draw_for_the_top_k
+):
     """One compiled graph serves batches of any size from two rows up; each row keeps its own draws."""
     wrapper = custom_voice_model
     speakers = ["Ryan", "Vivian", "Aiden"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .kv_cache import GrowingKVCache
 from .layers import DecoderStack
 from .quantized_linear import linear_of
-from .sampling import ExponentialNoise, SamplingOptions, choose_with_noise
+from .sampling import ExponentialNoise, SamplingOptions, choose_with_noise, noise_width
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,26 +68,31 @@ class CodePredictorLoop:
         cos, sin = predictor.model.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)
         self.compile = compile
-        self._compiled: dict[PredictorSampling, object] = {}
+        # One graph per (sampling, draws per choice): a seeded row draws for every code, others for the top-k.
+        self._compiled: dict[tuple[PredictorSampling, int], object] = {}
         self.compiled_frames = 0  # frames whose codebooks 1-15 came from a compiled loop
         # Fixed input buffers per batch size: a compiled graph is specialised to its inputs'
         # strides and dispatch keys, and CUDA graphs read from fixed addresses.
-        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden [B, 1, D], code0 [B], noise [B, 15, vocab]) for a batch of ``rows``."""
-        buffers = self._inputs.get(rows)
+    def _width(self, sampling: PredictorSampling, stock_stream: bool) -> int:
+        """Random numbers per choice: `noise_width`, or the vocabulary when greedy (no draws)."""
+        return noise_width(self.vocab, sampling.top_k, stock_stream) if sampling.do_sample else self.vocab
+
+    def _buffers(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [B, 1, D], code0 [B], noise [B, 15, width]) for a batch of ``rows``."""
+        buffers = self._inputs.get((rows, width))
         if buffers is None:
             buffers = (
                 torch.zeros((rows, 1, self.code0_table.shape[1]), dtype=self.dtype, device=self.device),
                 torch.zeros(rows, dtype=torch.long, device=self.device),
-                torch.ones((rows, self.steps, self.vocab), dtype=torch.float32, device=self.device),
+                torch.ones((rows, self.steps, width), dtype=torch.float32, device=self.device),
             )
             if rows > 1:
                 # One compiled graph serves every batch of two rows or more.
                 for buffer in buffers:
                     torch._dynamo.maybe_mark_dynamic(buffer, 0)
-            self._inputs[rows] = buffers
+            self._inputs[(rows, width)] = buffers
         return buffers
 
     def codes(
@@ -100,21 +105,28 @@ class CodePredictorLoop:
         """Codebooks 1-15 [B, 15] of B frames whose talker outputs are ``last_hidden`` [B, 1, D].
 
         Row i samples with ``samplings[i]`` from ``noise[i]``: the same random numbers it would
-        draw alone (one draw of 15 x vocab per frame).
+        draw alone (one draw of 15 x its `noise_width` per frame).
         """
         rows = last_hidden.shape[0]
-        hidden_in, code0_in, noise_in = self._buffers(rows)
         sampling = samplings[0]
         if any(other != sampling for other in samplings[1:]):
             # Rows with different settings: one batched pass, each row chooses its own way.
-            drawn = [source.fill(noise_in[i]) if s.do_sample else None for i, (s, source) in enumerate(zip(samplings, noise))]
+            drawn = [
+                source.fill(last_hidden.new_empty((self.steps, self._width(s, source.stock_stream)), dtype=torch.float32))
+                if s.do_sample
+                else None
+                for s, source in zip(samplings, noise)
+            ]
             return self._loop(last_hidden, code0, drawn, tuple(samplings))
+        # One width for the batch: a seeded row among them makes every row draw for each code.
+        width = max(self._width(sampling, source is not None and source.stock_stream) for source in noise)
+        hidden_in, code0_in, noise_in = self._buffers(rows, width)
         drawn = None
         if sampling.do_sample:
             for row, source in zip(noise_in, noise):
                 source.fill(row)
             drawn = noise_in
-        compiled = self._compiled.get(sampling)
+        compiled = self._compiled.get((sampling, width))
         if compiled is not None:
             hidden_in.copy_(last_hidden)
             code0_in.copy_(code0)
@@ -137,15 +149,18 @@ class CodePredictorLoop:
     def warm_up(self, sampling: PredictorSampling, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Compile the loop for ``sampling`` now, before the first request.
 
-        Only this sampling configuration (the checkpoint's default) runs compiled; a request with
-        other settings runs eagerly rather than stall everyone behind a compile. One graph is
-        made for single rows and one for batches (any size from two up).
+        Only this sampling configuration (the checkpoint's default) runs compiled, and only for
+        unseeded requests (what clients send; a seeded one draws the stock numbers, for every
+        code); any other request runs eagerly rather than stall everyone behind a compile. One
+        graph is made for single rows and one for batches (any size from two up).
         """
-        if not self.compile or sampling in self._compiled:
+        width = self._width(sampling, stock_stream=False)
+        key = (sampling, width)
+        if not self.compile or key in self._compiled:
             return
         cuda = self.device.type == "cuda"
         try:
-            self._compiled[sampling] = torch.compile(
+            self._compiled[key] = torch.compile(
                 functools.partial(self._loop, sampling=sampling),
                 fullgraph=True,
                 # CUDA graphs on a GPU; on CPU a C++ wrapper, because calling the ~40 fused
@@ -160,9 +175,9 @@ class CodePredictorLoop:
         try:
             with torch.inference_mode():  # as in generation: the graph is specialised to it
                 for rows in batch_sizes:
-                    hidden, code0, noise = self._buffers(rows)
+                    hidden, code0, noise = self._buffers(rows, width)
                     for _ in range(2):  # CUDA graph trees record on the second call
-                        self._run_compiled(self._compiled[sampling], hidden, code0, noise if sampling.do_sample else None)
+                        self._run_compiled(self._compiled[key], hidden, code0, noise if sampling.do_sample else None)
         except Exception as error:  # noqa: BLE001 - no C++ compiler, unsupported GPU, ...
             self._give_up_compiling(error)
             return
@@ -185,8 +200,8 @@ class CodePredictorLoop:
         noise: torch.Tensor | list[torch.Tensor | None] | None,
         sampling: PredictorSampling | tuple[PredictorSampling, ...],
     ) -> torch.Tensor:
-        """The 15 steps for B rows. ``sampling`` is one for all rows (with ``noise`` [B, 15, vocab]
-        or None), or one per row (with ``noise`` a list of [15, vocab] or None)."""
+        """The 15 steps for B rows. ``sampling`` is one for all rows (with ``noise`` [B, 15, width]
+        or None), or one per row (with ``noise`` a list of [15, width] or None)."""
         cache = GrowingKVCache(len(self.stack.layers))
         embeds = torch.cat((last_hidden, F.embedding(code0, self.code0_table).unsqueeze(1)), dim=1)
         codes = []
