@@ -362,14 +362,12 @@ def test_unseeded_rows_draw_exponential_noise_and_seeded_rows_the_stock_numbers(
 
 
 def test_unseeded_rows_draw_for_the_top_k_candidates_and_seeded_rows_for_every_code():
-    from wyoming_qwen3tts.engine.sampling import ExponentialNoise
+    from wyoming_qwen3tts.engine.sampling import noise_width
 
-    unseeded = ExponentialNoise(torch.Generator(), stock_stream=False)
-    seeded = ExponentialNoise(torch.Generator(), stock_stream=True)
-    assert unseeded.width(2048, 50) == 50
-    assert unseeded.width(2048, 0) == 2048, "without top-k every code is a candidate"
-    assert unseeded.width(30, 50) == 30
-    assert seeded.width(2048, 50) == 2048, "the stock numbers: one per code"
+    assert noise_width(2048, 50, stock_stream=False) == 50
+    assert noise_width(2048, 0, stock_stream=False) == 2048, "without top-k every code is a candidate"
+    assert noise_width(30, 50, stock_stream=False) == 30
+    assert noise_width(2048, 50, stock_stream=True) == 2048, "the stock numbers: one per code"
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.9, 1.0), (0.7, 0.8), (1.3, 0.3)])

@@ -129,7 +129,7 @@ class EngineOptions:
     # where the model and the codec both spend their time in Python (a GPU, a small model: see
     # `codec_process.py`) and costs a second interpreter with PyTorch (about 0.5 GB; the codec's
     # weights are shared, not copied). Off by default: on a CPU the real model's time goes to
-    # arithmetic, and a new request's first chunk waits longer in the child.
+    # arithmetic, and there it measured the same as decode threads.
     codec_process: bool = False
 
     def __post_init__(self) -> None:

@@ -52,10 +52,6 @@ class ExponentialNoise:
         self.generator = generator
         self.stock_stream = stock_stream
 
-    def width(self, vocab: int, top_k: int) -> int:
-        """How many numbers this source draws for one choice (`noise_width`)."""
-        return noise_width(vocab, top_k, self.stock_stream)
-
     def fill(self, buffer: torch.Tensor) -> torch.Tensor:
         """Fill ``buffer`` with Exp(1) draws, in place; returns it."""
         if self.stock_stream:
@@ -84,7 +80,7 @@ def choose(
     drawn = None
     if do_sample:
         # One width for the batch: a seeded row among them makes every row draw for each id.
-        width = max(source.width(logits.shape[-1], top_k) for source in noise)
+        width = max(noise_width(logits.shape[-1], top_k, source.stock_stream) for source in noise)
         drawn = logits.new_empty((logits.shape[0], width))
         for row, source in zip(drawn, noise):
             source.fill(row)
