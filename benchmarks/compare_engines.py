@@ -9,9 +9,10 @@ of ours.
 - qwentts.cpp (PyPI `realtimetts-qwen-native-cpu`, the ggml library and its Python binding): its
   wheel ships no converter, so the `convert.py` of its repository (github.com/ServeurpersoCom/
   qwentts.cpp) writes the GGUF files, and the quantizing follows its `tools/quantize.cpp` (which
-  the wheel does not ship either) for Q8_0 and Q4_0. Its own 4-bit choice, Q4_K_M, has no
-  quantizer in the `gguf` package; Q4_0 is ggml's plain 4-bit format. Its venv needs `gguf`,
-  `safetensors` and `torch` besides the wheel.
+  the wheel does not ship either): Q8_0 as its Q8_0 (every matrix, embeddings too), and Q4_0 for
+  4 bits. Its own 4-bit choice, Q4_K_M (embeddings and some layers at 6 bits), has no quantizer
+  in the `gguf` package; Q4_0 is ggml's plain 4-bit format. Its venv needs `gguf`, `safetensors`
+  and `torch` besides the wheel.
 Model files are cached next to the checkpoint. Each round runs, one after the other, for 8 and
 then 4 bits: ours, vox, qwentts.cpp; the best of the rounds is kept. Every engine streams the
 sentence given up front; cost per frame is the utterance's wall time divided by its frames
