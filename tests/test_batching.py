@@ -386,7 +386,9 @@ def test_a_choice_among_the_top_k_is_the_choice_over_the_vocabulary_with_the_sam
     among_top_k = choose_with_noise(logits, draws, temperature, top_k, top_p)
     over_vocabulary = choose_with_noise(logits, everywhere, temperature, top_k, top_p)
     assert torch.equal(among_top_k, over_vocabulary)
-    assert len(set(among_top_k.tolist())) > 32, "the draws, not the logits alone, decide"
+    # Rows' logits differ, so distinct choices would prove nothing: the draws must move some
+    # rows off the most likely code (28-47 of 64 here, by setting).
+    assert (among_top_k != logits.argmax(-1)).sum() > 8, "the draws, not the logits alone, decide"
 
     full = filtered_probabilities(logits, temperature, top_k, top_p)
     candidates = candidate_probabilities(values, temperature, top_p)
