@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"- checkpoint `{args.checkpoint.name}` (random weights, real 0.6B dimensions), CPU, torch {torch.__version__}",
-        "- kernels: " + "; ".join(f"{mode}: {KERNELS[mode].kernel}" for mode in modes),
+        "- kernels: " + "; ".join(f"{mode}: {KERNELS[mode].kernel()}" for mode in modes),
         f"- per layer: every linear layer of talker and code predictor that the kernel takes, "
         f"on the activations of a stock greedy generation (up to {CALLS_PER_LAYER} calls each)",
         "",

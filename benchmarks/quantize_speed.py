@@ -168,7 +168,7 @@ def main() -> int:
     lines = [
         f"- machine: {machine()}; torch {torch.__version__}; checkpoint `{Path(args.checkpoint).name}`, {args.frames}-frame utterance "
         f"({args.frames * FRAME_SECONDS:.1f} s of audio) through the Wyoming server, end-of-speech code off, best of {args.repeats}; {sentence_tokens(args.checkpoint)}",
-        "- kernels: " + "; ".join(f"{mode}: {kernel.kernel}" for mode, kernel in KERNELS.items()),
+        "- kernels: " + "; ".join(f"{mode}: {kernel.kernel()}" for mode, kernel in KERNELS.items()),
         "- read bandwidth (1 GiB, summed or multiplied by one row, the faster): " + ", ".join(f"{t} thread{'s' * (t > 1)} {b / 1e9:.1f} GB/s" for t, b in bandwidth.items()),
         "",
         "| weights | threads | ms per frame | frames/s | vs float32 | first audio (ms) | streamed: first audio (ms) | talker ms | predictor ms | codec ms | weights read per frame | floor ms | step / floor | RSS MiB |",

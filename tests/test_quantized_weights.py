@@ -18,7 +18,7 @@ from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRule
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.quantize import resolve_mode
-from wyoming_qwen3tts.engine.quantized_linear import KERNELS, Int8Weights, QuantizedLinear
+from wyoming_qwen3tts.engine.quantized_linear import KERNELS, Int4Weights, Int8Weights, QuantizedLinear, kernel_fault
 from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
@@ -123,7 +123,68 @@ def test_auto_is_int8_on_a_cpu_and_a_missing_kernel_falls_back_with_one_line(mon
     monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", no_kernel)
     with caplog.at_level(logging.WARNING):
         assert resolve_mode("int4", torch.device("cpu")) == "int8"
-    assert "No int4 kernel on this machine" in caplog.text
+    assert "No usable int4 kernel on this machine" in caplog.text
+
+
+@pytest.fixture
+def quantized_engine():
+    """PyTorch's quantized engine (process-wide), restored after the test."""
+    default = torch.backends.quantized.engine
+    yield default
+    torch.backends.quantized.engine = default
+
+
+def corrupt_single_rows_on(monkeypatch, broken_engines: set[str]) -> None:
+    """Make the int8 product of one row wrong under ``broken_engines``, as oneDNN's was on an
+    aarch64 build of PyTorch: a kernel that runs, and returns the wrong numbers."""
+    product = Int8Weights.product
+
+    def faulty(self, spread):
+        out = product(self, spread)
+        return out.flip(-1) if torch.backends.quantized.engine in broken_engines and spread.shape[0] == 1 else out
+
+    monkeypatch.setattr(Int8Weights, "product", faulty)
+
+
+def test_an_int8_engine_with_wrong_products_is_replaced_by_one_with_right_products(monkeypatch, caplog, quantized_engine):
+    corrupt_single_rows_on(monkeypatch, {quantized_engine})
+    assert "one row alone" in kernel_fault(Int8Weights)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("auto", torch.device("cpu")) == "int8"
+    assert torch.backends.quantized.engine != quantized_engine
+    assert f"quantized engine {quantized_engine!r} is not usable here" in caplog.text
+    weight, rows = torch.randn(64, 128), torch.randn(1, 128)
+    assert snr_db(F.linear(rows, weight), Int8Weights(weight, None)(rows)) >= MIN_SNR_DB["int8"]
+
+
+def test_when_no_int8_engine_gives_right_products_the_weights_stay_float(monkeypatch, caplog, quantized_engine):
+    corrupt_single_rows_on(monkeypatch, set(torch.backends.quantized.supported_engines))
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("int8", torch.device("cpu")) == "none"
+    assert torch.backends.quantized.engine == quantized_engine, "the default engine is put back"
+    assert "No usable int8 kernel" in caplog.text and "one row alone" in caplog.text
+
+
+def test_an_int4_kernel_with_wrong_products_falls_back_to_int8(monkeypatch, caplog):
+    call = Int4Weights.__call__
+    monkeypatch.setattr(Int4Weights, "__call__", lambda self, x: call(self, x) * 0.5)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("int4", torch.device("cpu")) == "int8"
+    assert "No usable int4 kernel" in caplog.text and "dB from the float product" in caplog.text
+
+
+@pytest.mark.skipif("qnnpack" not in torch.backends.quantized.supported_engines, reason="no QNNPACK in this PyTorch")
+def test_int8_on_the_qnnpack_engine_is_close_to_float_and_a_row_keeps_its_result_in_a_batch(layer_inputs, quantized_engine):
+    # QNNPACK is what an aarch64 machine falls back to; it quantizes the activations itself.
+    torch.backends.quantized.engine = "qnnpack"
+    assert kernel_fault(Int8Weights) is None
+    with torch.inference_mode():
+        for name, (module, inputs) in layer_inputs.items():
+            layer = Int8Weights(module.weight, module.bias)
+            rows = inputs[:8]
+            batch = layer(rows)
+            assert snr_db(module(rows), batch) >= MIN_SNR_DB["int8"], name
+            assert torch.equal(torch.cat([layer(row) for row in rows.split(1)]), batch), name
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

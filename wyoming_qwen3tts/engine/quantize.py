@@ -7,7 +7,9 @@ replaced by a `QuantizedLinear` (kernels in `quantized_linear.py`); a decoder la
 become one matrix, and so do its gate and up, since they read the same input. Embeddings, norms
 and the codec decoder stay as they are (quantizing the codec's Snake activations makes noise).
 
-Where a kernel is missing (another CPU, a GPU), the next one down is used, with one log line.
+Where a kernel is missing or gives wrong products (another CPU, a GPU), the next one down is
+used, with one log line; for int8 first PyTorch's other quantized engines (on an aarch64 build:
+oneDNN, the default, and QNNPACK).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import torch
 
 from .allocator import release_free_memory
-from .quantized_linear import KERNELS, Int4Weights, Int8Weights, QuantizedLinear, WeightSlice
+from .quantized_linear import KERNELS, Int4Weights, Int8Weights, QuantizedLinear, WeightSlice, int8_engine, kernel_fault
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -28,7 +30,11 @@ FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "u
 
 
 def resolve_mode(requested: str, device: torch.device) -> str:
-    """The mode to use: `auto` is int8 on a CPU and none elsewhere; a missing kernel falls back."""
+    """The mode to use: `auto` is int8 on a CPU and none elsewhere; a missing or faulty kernel falls back.
+
+    For int8 this also settles PyTorch's quantized engine (`torch.backends.quantized.engine`,
+    process-wide): the default when its products are right, else the first other that is.
+    """
     mode = ("int8" if device.type == "cpu" else "none") if requested == "auto" else requested
     if mode == "none":
         return mode
@@ -38,18 +44,36 @@ def resolve_mode(requested: str, device: torch.device) -> str:
     for candidate in MODES[MODES.index(mode) :]:
         if candidate == "none":
             break
-        try:
-            probe = KERNELS[candidate](torch.randn(64, 128), torch.zeros(64))
-            probe(torch.randn(1, 128))
-            probe(torch.randn(3, 128))
-        except Exception as err:  # noqa: BLE001 - no such kernel on this machine
-            _LOGGER.warning("No %s kernel on this machine (%s: %s); trying the next one", candidate, type(err).__name__, err)
+        fault = _int8_engine_fault() if candidate == "int8" else kernel_fault(KERNELS[candidate])
+        if fault is not None:
+            _LOGGER.warning("No usable %s kernel on this machine (%s); trying the next one", candidate, fault)
             continue
         if candidate != mode:
             _LOGGER.warning("Using %s weights instead of %s", candidate, mode)
         return candidate
     _LOGGER.warning("No quantized kernel works here: the model keeps its weights as they are")
     return "none"
+
+
+# Engines to try for int8 when the default one fails, best known first.
+INT8_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+
+
+def _int8_engine_fault() -> str | None:
+    """Keep the default quantized engine if its int8 products are right, else switch to one that
+    is; what was wrong with the default when none is."""
+    default = int8_engine()
+    fault = kernel_fault(Int8Weights)
+    if fault is None:
+        return None
+    others = [engine for engine in INT8_ENGINES if engine != default and engine in torch.backends.quantized.supported_engines]
+    for engine in others:
+        torch.backends.quantized.engine = engine
+        if kernel_fault(Int8Weights) is None:
+            _LOGGER.warning("PyTorch's quantized engine %r is not usable here (%s); int8 uses %r instead", default, fault, engine)
+            return None
+    torch.backends.quantized.engine = default
+    return f"engine {default!r}: {fault}" + (f"; tried {', '.join(others)} too" if others else "")
 
 
 def _quantized(kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Weights | Int4Weights:
@@ -105,7 +129,7 @@ def quantize_talker(model: torch.nn.Module, mode: str) -> None:
         "Quantized %d linear layers to %s with %s: %.0f MiB of weights instead of %.0f MiB",
         layers,
         mode,
-        kernel.kernel,
+        kernel.kernel(),
         quantized_bytes / 2**20,
         float_bytes / 2**20,
     )

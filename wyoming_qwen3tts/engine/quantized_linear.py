@@ -13,6 +13,10 @@ The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe
 
 Projections that read the same input (a layer's q, k and v; its gate and up) can share one
 quantized matrix: one call, and one pass over the input, instead of three or two.
+
+`kernel_fault` checks a kernel's products against the float product before a model relies on
+it: running is not enough (on an aarch64 build of PyTorch, under emulation, the default oneDNN
+engine's int8 product of a single row came out at 3 dB, i.e. noise).
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ _SPREAD_SCALE, _SPREAD_ZERO = 1.0 / 63.0, 63
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
+def int8_engine() -> str:
+    """PyTorch's quantized engine, whose kernels the int8 weights use: fbgemm's behind "x86"."""
+    return torch.backends.quantized.engine
+
+
 @functools.cache
-def explicit_activation_grid() -> bool:
-    """Whether this machine's int8 engine takes the activation's quantization from the caller."""
+def explicit_activation_grid(engine: str) -> bool:
+    """Whether the int8 ``engine`` (the current one) takes the activation's quantization from the caller."""
     try:
         weight = torch.quantize_per_channel(
             torch.randn(8, 16), torch.full((8,), 0.01, dtype=torch.double), torch.zeros(8, dtype=torch.long), 0, torch.qint8
@@ -66,8 +75,14 @@ class Int8Weights:
     the input, which makes their own choice of grid the same every time.
     """
 
-    kernel = "fbgemm int8 (per-channel weights, per-row symmetric activations)"
     bits = 8
+    min_snr_db = 25.0  # `kernel_fault`'s bound; this kernel gives 35-40 dB on random layers
+
+    @classmethod
+    def kernel(cls) -> str:
+        engine = int8_engine()
+        name = "fbgemm" if engine in ("x86", "fbgemm") else engine
+        return f"{name} int8 (per-channel weights, per-row symmetric activations)"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         weight = weight.detach().to(torch.float32)
@@ -79,7 +94,10 @@ class Int8Weights:
         self.bias = None if bias is None else bias.detach().to(torch.float32)
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.out_features, self.in_features = weight.shape
-        self._explicit = explicit_activation_grid()
+        self._explicit = explicit_activation_grid(int8_engine())
+        # Seven-bit activations where the engine may saturate (fbgemm, oneDNN on x86); QNNPACK
+        # accumulates in 32 bits, ignores the request and warns about it.
+        self._reduce_range = int8_engine() != "qnnpack"
         self._anchor = torch.zeros(1, self.in_features)
         self._anchor[0, 0], self._anchor[0, -1] = -1.0, 1.0
         self.handle = next(_HANDLES)
@@ -106,7 +124,7 @@ class Int8Weights:
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 spread, _SPREAD_SCALE, _SPREAD_ZERO, self.packed
             )
-        return torch.ops.quantized.linear_dynamic(torch.cat((spread, self._anchor)), self.packed, True)[: spread.shape[0]]
+        return torch.ops.quantized.linear_dynamic(torch.cat((spread, self._anchor)), self.packed, self._reduce_range)[: spread.shape[0]]
 
     @property
     def nbytes(self) -> int:
@@ -133,8 +151,12 @@ def _(spread: torch.Tensor, handle: int) -> torch.Tensor:
 class Int4Weights:
     """A weight matrix as 4-bit groups with a scale and a zero each, packed for the CPU kernel."""
 
-    kernel = f"torch _weight_int4pack_mm_for_cpu (weight-only, groups of {INT4_GROUP})"
     bits = 4
+    min_snr_db = 15.0  # `kernel_fault`'s bound; groups of 32 give about 22 dB on random layers
+
+    @classmethod
+    def kernel(cls) -> str:
+        return f"torch _weight_int4pack_mm_for_cpu (weight-only, groups of {INT4_GROUP})"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         weight = weight.detach().to(torch.float32)
@@ -167,6 +189,36 @@ class Int4Weights:
 
 
 KERNELS = {"int8": Int8Weights, "int4": Int4Weights}
+
+
+def kernel_fault(kernel: type[Int8Weights] | type[Int4Weights]) -> str | None:
+    """What is wrong with ``kernel`` on this machine, or None when its products are right.
+
+    A random layer's product must be close to the float product (``kernel.min_snr_db``) for one
+    row alone (a stream's every code predictor step) and for the same row among others (a
+    batch), and the two must agree: a batch must not change a stream's numbers.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=generator) * 0.05
+    bias = torch.randn(128, generator=generator) * 0.01
+    rows = torch.randn(4, 256, generator=generator)
+    try:
+        layer = kernel(weight, bias)
+        alone, among = layer(rows[:1]), layer(rows)[:1]
+    except Exception as error:  # noqa: BLE001 - any failure means: not usable here
+        return f"{type(error).__name__}: {error}"
+    expected = F.linear(rows[:1], weight, bias)
+
+    def db(signal: torch.Tensor, noise: torch.Tensor) -> float:
+        return float(10 * torch.log10(signal.pow(2).sum() / noise.pow(2).sum().clamp_min(1e-30)))
+
+    for what, product in (("one row alone", alone), ("a row among others", among)):
+        quality = db(expected, product - expected) if torch.isfinite(product).all() else -math.inf
+        if not quality >= kernel.min_snr_db:
+            return f"its product of {what} is {quality:.1f} dB from the float product (at least {kernel.min_snr_db:.0f} expected)"
+    if db(expected, alone - among) < 40.0:
+        return "a row's product changes with the rows beside it"
+    return None
 
 
 class WeightSlice:
