@@ -209,8 +209,9 @@ async def test_home_assistant_streaming_sequence_speaks_the_text_once(server):
 async def test_a_5000_character_text_is_spoken_in_one_cycle(server):
     sentence = "The garden lights turn on at sunset and the heating goes down at ten. "
     text = (sentence * (5000 // len(sentence) + 1))[:5000]
-    # About 930 frames and 290 chunks: 110-116 s alone on a 2-core VM (the tiny model's int8
-    # steps wait for the interpreter lock beside the decoding thread), over 120 s in a full run.
+    # About 930 frames and 290 chunks; on our 2-core VMs 45-52 s in a full run on a quiet day,
+    # 110-116 s alone on a slow one (the tiny model's int8 steps wait for the interpreter lock
+    # beside the decoding thread), over 120 s in a full run on a slow one.
     cycle = await synthesize(server, text, timeout=600)
     assert is_one_audio_cycle(cycle.types)
     sentences = text.count(".")

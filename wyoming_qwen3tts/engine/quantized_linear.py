@@ -95,8 +95,8 @@ class Int8Weights:
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.out_features, self.in_features = weight.shape
         self._explicit = explicit_activation_grid(int8_engine())
-        # Seven-bit activations where the engine may saturate (fbgemm, oneDNN on x86); QNNPACK
-        # accumulates in 32 bits, ignores the request and warns about it.
+        # Seven-bit activations where the engine honours the request (fbgemm's AVX2 pairwise sums
+        # could saturate); QNNPACK ignores it and prints a warning into the log every start.
         self._reduce_range = int8_engine() != "qnnpack"
         self._anchor = torch.zeros(1, self.in_features)
         self._anchor[0, 0], self._anchor[0, -1] = -1.0, 1.0
