@@ -296,6 +296,28 @@ def test_the_image_installs_the_lock_without_a_resolver_and_in_an_order_that_can
     assert "HF_HUB_DISABLE_PROGRESS_BARS=1" in dockerfile, "download progress as log lines, not bars"
 
 
+def test_the_gpu_machine_kit_takes_the_image_versions_of_what_the_package_needs():
+    """script/device-check runs on the device tool's image with the kit's wheels in front: they
+    must be the versions the image (and the tests) run, and cover the versions qwen-tts pins."""
+    pins = {
+        r.name.lower().replace("_", "-"): next(iter(r.specifier)).version
+        for path in ("image.lock", "no-deps.txt")
+        for r in requirement_lines(ROOT / "requirements" / path)
+    }
+    kit = requirement_lines(ROOT / "requirements" / "device-kit.txt")
+    names = [r.name.lower().replace("_", "-") for r in kit]
+    assert len(names) == len(set(names)), "one version of each: two stop the whole install"
+    for requirement, name in zip(kit, names):
+        assert name in pins, f"{name} is in the kit but not in the image's lock"
+        assert str(requirement.specifier) == f"=={pins[name]}", f"the kit's {requirement} is not the image's {pins[name]}"
+    # The device image holds transformers 5 and huggingface_hub 1, which qwen-tts does not run with.
+    assert {"qwen-tts", "transformers", "huggingface-hub", "tokenizers", "wyoming", "soundfile"} <= set(names)
+    assert "torch" not in names, "the device image's own CUDA build of PyTorch is the one to measure"
+    check = (ROOT / "script" / "device-check").read_text()
+    assert "--no-index --no-deps" in check and ".device-kit" in check
+    assert "requirements/device-kit.txt" in (ROOT / "script" / "device-kit").read_text()
+
+
 def test_the_watchdog_watches_the_wyoming_port():
     assert CONFIG["watchdog"] == f"tcp://[HOST]:[PORT:{WYOMING_PORT}]"
     assert f"{WYOMING_PORT}/tcp" in CONFIG["ports"]
