@@ -31,13 +31,25 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 import torch
 
 from report import write_report
+from wyoming_clients import (  # noqa: F401 - other benchmarks import these from here
+    FRAME_SECONDS,
+    TEXT,
+    VOICES,
+    BurstResult,
+    StreamResult,
+    concurrent_streams,
+    in_own_process,
+    newcomer_first_audio,
+    one_stream,
+    one_streamed,
+)
 
 from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.codec_process import CodecProcess
@@ -48,42 +60,6 @@ from wyoming_qwen3tts.request import SpeechRequests
 from wyoming_qwen3tts.serve import build_catalog
 from wyoming_qwen3tts.server.app import WyomingOptions, WyomingTtsServer
 from wyoming_qwen3tts.settings import Settings
-
-# One sentence: both paths generate it as one utterance.
-TEXT = (
-    "Good evening, the living room lights are dimmed, the front door is locked and the "
-    "heating will keep the house at twenty one degrees until tomorrow morning."
-)
-FRAME_SECONDS = 0.08
-
-
-@dataclass
-class StreamResult:
-    first_audio: float  # seconds from synthesize to the first audio chunk
-    total: float
-    audio_seconds: float
-    started: float = 0.0  # perf_counter at the synthesize event
-    ended: float = 0.0
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.audio_seconds / FRAME_SECONDS / self.total
-
-
-@dataclass
-class BurstResult:
-    """Several streams started together."""
-
-    streams: list[StreamResult]
-
-    @property
-    def aggregate_frames_per_second(self) -> float:
-        wall = max(r.ended for r in self.streams) - min(r.started for r in self.streams)
-        return sum(r.audio_seconds for r in self.streams) / FRAME_SECONDS / wall
-
-    @property
-    def wall(self) -> float:
-        return max(r.ended for r in self.streams) - min(r.started for r in self.streams)
 
 
 def rss_mib(pid: int | str = "self") -> float:
@@ -147,72 +123,18 @@ class ServerThread:
         self.thread.join(10)
 
 
-async def one_stream(port: int, voice: str, first_audio: asyncio.Event | None = None) -> StreamResult:
-    from wyoming.audio import AudioChunk
-    from wyoming.client import AsyncTcpClient
-    from wyoming.tts import Synthesize, SynthesizeVoice
-
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        started = time.perf_counter()
-        await client.write_event(Synthesize(text=TEXT, voice=SynthesizeVoice(name=voice)).event())
-        first, samples = None, 0
-        while True:
-            event = await client.read_event()
-            if event is None or event.type == "error":
-                raise RuntimeError(f"synthesis failed: {event}")
-            if AudioChunk.is_type(event.type):
-                if first is None:
-                    first = time.perf_counter() - started
-                    if first_audio is not None:
-                        first_audio.set()
-                samples += len(event.payload) // 2
-            if event.type == "audio-stop":
-                break
-        ended = time.perf_counter()
-        return StreamResult(first_audio=first, total=ended - started, audio_seconds=samples / 24000, started=started, ended=ended)
+def streams_at_once(port: int, count: int, clients: str) -> BurstResult:
+    """``count`` streams started together, from a process of their own or from this one's event loop."""
+    if clients == "process":
+        return in_own_process(port, "burst", count)
+    return asyncio.run(concurrent_streams(port, count))
 
 
-async def one_streamed(port: int, voice: str) -> float:
-    """First audio (seconds) the way Home Assistant streams a reply: synthesize-start, the text in
-    one chunk, the full `synthesize` it adds for older servers, synthesize-stop; timed from the
-    chunk. The server feeds streamed text into the model word by word (dual track)."""
-    from wyoming.audio import AudioChunk
-    from wyoming.client import AsyncTcpClient
-    from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
-
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name=voice)).event())
-        started = time.perf_counter()
-        await client.write_event(SynthesizeChunk(text=TEXT).event())
-        await client.write_event(Synthesize(text=TEXT, voice=SynthesizeVoice(name=voice)).event())
-        await client.write_event(SynthesizeStop().event())
-        first = None
-        while True:
-            event = await client.read_event()
-            if event is None or event.type == "error":
-                raise RuntimeError(f"streamed synthesis failed: {event}")
-            if first is None and AudioChunk.is_type(event.type):
-                first = time.perf_counter() - started
-            if event.type == "synthesize-stopped":
-                return first
-
-
-VOICES = ["Ryan", "Vivian", "Aiden", "Serena", "Sohee", "Eric", "Dylan", "Uncle_Fu"]
-
-
-async def concurrent_streams(port: int, count: int) -> BurstResult:
-    return BurstResult(list(await asyncio.gather(*(one_stream(port, VOICES[i % len(VOICES)]) for i in range(count)))))
-
-
-async def newcomer_first_audio(port: int, running: int = 3) -> float:
-    """First audio of a request that arrives once ``running`` others stream."""
-    started = [asyncio.Event() for _ in range(running)]
-    others = [asyncio.create_task(one_stream(port, VOICES[i], started[i])) for i in range(running)]
-    for event in started:
-        await event.wait()
-    newcomer = await one_stream(port, VOICES[running])
-    await asyncio.gather(*others)
-    return newcomer.first_audio
+def newcomer(port: int, clients: str) -> float:
+    """First audio of a request arriving once three others stream (see `newcomer_first_audio`)."""
+    if clients == "process":
+        return in_own_process(port, "newcomer")
+    return asyncio.run(newcomer_first_audio(port))
 
 
 def stock_run(engine: SpeechEngine, frames: int) -> tuple[float, float]:
@@ -279,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where audio decodes: off (threads of the server's process, the default) or on (a process of its "
         "own); comma-separated to compare, e.g. off,on",
     )
+    parser.add_argument(
+        "--clients",
+        choices=("process", "thread"),
+        default="process",
+        help="where the Wyoming clients run: a process of their own (default; Home Assistant is one) or this "
+        "process's event loop, sharing the server's interpreter lock",
+    )
     parser.add_argument("--no-stock", action="store_true", help="skip the stock path (and the cost-of-one-more-frame figures)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
@@ -312,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         settings = Settings(wyoming=WyomingOptions(uri=f"tcp://127.0.0.1:{port}"))
         server = ServerThread(engine, settings)
-        asyncio.run(one_stream(port, "Ryan"))
+        streams_at_once(port, 1, args.clients)
 
         if not args.no_stock and stock is None:
             stock = min((stock_run(engine, args.frames) for _ in range(args.repeats)), key=lambda r: r[0])
             # Marginal cost of one more frame: the difference between a long and a short utterance.
             short = max(2, args.frames // 5)
             stock_short = min(stock_run(engine, short)[0] for _ in range(args.repeats))
-            ours_long = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+            ours_long = min(streams_at_once(port, 1, args.clients).wall for _ in range(args.repeats))
             server.engine.options = replace(server.engine.options, stop=replace(stop, base_frames=short, max_frames=short))
-            ours_short = min(asyncio.run(one_stream(port, "Ryan")).total for _ in range(args.repeats))
+            ours_short = min(streams_at_once(port, 1, args.clients).wall for _ in range(args.repeats))
             server.engine.options = replace(server.engine.options, stop=stop)
             per_frame = {
                 "stock": (stock[0] - stock_short) / (args.frames - short),
@@ -332,13 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             engine.worker.max_batch = max_batch
             for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
                 burst = max(
-                    (asyncio.run(concurrent_streams(port, count)) for _ in range(args.repeats)),
+                    (streams_at_once(port, count, args.clients) for _ in range(args.repeats)),
                     key=lambda b: b.aggregate_frames_per_second,
                 )
                 rows.append((where, max_batch, count, burst))
         engine.worker.max_batch = batched
-        idle = min(asyncio.run(one_stream(port, "Ryan")).first_audio for _ in range(args.repeats))
-        busy = min(asyncio.run(newcomer_first_audio(port)) for _ in range(args.repeats))
+        idle = min(streams_at_once(port, 1, args.clients).streams[0].first_audio for _ in range(args.repeats))
+        busy = min(newcomer(port, args.clients) for _ in range(args.repeats))
         newcomers[where] = {"idle": idle, "busy": busy}
         server.stop()
         engine.close()
@@ -377,6 +306,10 @@ def render(args, device, stock, rows, newcomers, memory, per_frame) -> str:
         f"{torch.get_num_threads()} threads",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
         f"the checkpoint's sampling settings; {sentence_tokens(args.checkpoint)}",
+        "- Wyoming clients: " + (
+            "in a process of their own, as Home Assistant is" if args.clients == "process"
+            else "on the benchmark's event loop, in the server's process (they share its interpreter lock)"
+        ),
         "",
         "| path | codec decodes on | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | real-time factor per stream |",
         "|---|---|---|---|---|---|---|---|---|",
