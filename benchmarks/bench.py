@@ -38,18 +38,7 @@ import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before 
 import torch
 
 from report import write_report
-from wyoming_clients import (  # noqa: F401 - other benchmarks import these from here
-    FRAME_SECONDS,
-    TEXT,
-    VOICES,
-    BurstResult,
-    StreamResult,
-    concurrent_streams,
-    in_own_process,
-    newcomer_first_audio,
-    one_stream,
-    one_streamed,
-)
+from wyoming_clients import FRAME_SECONDS, TEXT, BurstResult, concurrent_streams, in_own_process, newcomer_first_audio
 
 from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.codec_process import CodecProcess

@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import TEXT, machine, sentence_tokens, silence_end_of_speech
+from bench import machine, sentence_tokens, silence_end_of_speech
 from report import write_report
+from wyoming_clients import TEXT
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules

@@ -28,8 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import TEXT, machine
+from bench import machine
 from report import write_report
+from wyoming_clients import TEXT
 
 HERE = Path(__file__).resolve().parent
 

@@ -25,18 +25,9 @@ from pathlib import Path
 
 import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 import torch
-from bench import (
-    FRAME_SECONDS,
-    ServerThread,
-    _free_port,
-    machine,
-    one_stream,
-    one_streamed,
-    rss_mib,
-    sentence_tokens,
-    silence_end_of_speech,
-)
+from bench import ServerThread, _free_port, machine, rss_mib, sentence_tokens, silence_end_of_speech
 from report import write_report
+from wyoming_clients import FRAME_SECONDS, one_stream, one_streamed
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
