@@ -3,8 +3,10 @@ and the matrix-product kernels the codec's widest convolutions use."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +15,10 @@ import torch.nn.functional as F
 
 from wyoming_qwen3tts.engine.codec_kernels import MatmulConv, MatmulTransposedConv, use_matmul_kernel
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
-from wyoming_qwen3tts.engine.decode_queue import DecodeQueue
+from wyoming_qwen3tts.engine.decode_queue import URGENT_SECONDS, DecodeQueue
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.speech import PresetSpeaker
 
 
 def random_codes(frames: int, seed: int) -> torch.Tensor:
@@ -199,3 +204,79 @@ def test_two_threads_never_run_one_job_s_items_at_once_and_keep_their_order():
     assert len(events) == 15
     for owner in ("a", "b", "c"):
         assert [e for e in events if e[0] == owner] == [f"{owner}{i}" for i in range(5)]
+
+
+class Overlaps:
+    """Work items that record how many ran at the same time; each holds until released."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def item(self):
+        def run():
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            self.started.release()
+            self.release.wait(10)
+            with self.lock:
+                self.running -= 1
+
+        return run
+
+
+def test_a_spare_decode_thread_waits_while_the_model_is_busy_and_listeners_have_audio():
+    queue = DecodeQueue("test-decode", lambda works: None, threads=2)
+    queue.spares_open = False  # the model thread is stepping
+    far = time.monotonic() + 60  # every listener has a minute of audio left
+    overlaps = Overlaps()
+    for owner in ("a", "b"):
+        queue.submit(far, owner, overlaps.item())
+    assert overlaps.started.acquire(timeout=10)
+    assert not overlaps.started.acquire(timeout=0.3), "the spare thread took b's work beside a busy model"
+    queue.spares_open = True  # the model thread has nothing to do
+    assert overlaps.started.acquire(timeout=10), "the spare thread stayed idle with work queued"
+    assert overlaps.most == 2
+    overlaps.release.set()
+    queue.shutdown(10)
+
+
+def test_a_spare_decode_thread_takes_work_whose_listener_is_about_to_run_out():
+    queue = DecodeQueue("test-decode", lambda works: None, threads=2)
+    queue.spares_open = False
+    overlaps = Overlaps()
+    queue.submit(time.monotonic() + 60, "a", overlaps.item())
+    assert overlaps.started.acquire(timeout=10)
+    # Urgent in a fraction of a second: the spare must wake up by itself, with no other event.
+    queue.submit(time.monotonic() + URGENT_SECONDS + 0.2, "b", overlaps.item())
+    assert overlaps.started.acquire(timeout=10), "an urgent item waited for the busy thread"
+    assert overlaps.most == 2
+    overlaps.release.set()
+    queue.shutdown(10)
+
+
+def test_the_model_thread_closes_the_spare_decode_threads_while_it_steps(checkpoints):
+    engine = SpeechEngine.load(
+        EngineOptions(
+            model=str(checkpoints["custom_voice"]),
+            load=LoadOptions(device="cpu", quantize="none", threads=1),
+            stop=StopRules(base_frames=30, frames_per_token=0, max_frames=30),
+        )
+    )
+    seen: list[bool] = []
+    engine.worker.step_listeners.append(lambda ids: seen.append(engine.worker._decoder.spares_open))
+
+    async def speak():
+        return [chunk async for chunk in engine.synthesize(["The kitchen lights are on."], PresetSpeaker(engine.speakers[0]))]
+
+    assert asyncio.run(speak())
+    assert seen and not any(seen), "a spare decode thread was open during a step"
+    deadline = time.monotonic() + 10
+    while not engine.worker._decoder.spares_open and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.worker._decoder.spares_open, "the spare decode threads stayed closed on an idle engine"
+    engine.close()

@@ -9,9 +9,14 @@ When the first item is a chunk, the next chunks of other jobs that can share its
 codec, same number of frames) come along, up to the batch size and a total of frames: one call
 decodes them all. On a CPU a call pays up to about 24 frames (`CPU_DECODE_FRAMES` says why).
 
-With more than one thread, different jobs' chunks decode at the same time (one job's never): on a
-CPU the model's thread runs ahead of the codec while several streams play, and the codec's
-convolutions release the interpreter lock, so a second decode thread puts an idle core to work.
+With more than one thread, different jobs' chunks decode at the same time (one job's never). The
+threads after the first are spare. A CPU's cores are shared out as the model's threads plus one
+for the codec, and a second decode beside a busy model thread takes the model's core: while the
+model bounds the streams, that slows every one of them (a tiny 8-row step: 32-40 ms with two
+decodes at once, 23 ms with one, timed in `bench.py`). So a spare thread takes work only while
+`spares_open` (the engine opens it while its model thread has nothing to do), or when the earliest
+waiting work's deadline is less than `URGENT_SECONDS` away: a listener about to run out of audio
+needs the codec more than the model needs its core, which is the case while the codec bounds.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 _LOGGER = logging.getLogger(__name__)
+
+# How close (seconds, on time.monotonic's clock) the earliest deadline must be for a spare thread
+# to decode while the model thread is busy: about one 12-frame chunk of audio.
+URGENT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,10 @@ class DecodeQueue:
         self._condition = threading.Condition()
         self._closed = False
         self._running: set[int] = set()  # owners with an item in progress
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        self._spares_open = True
+        self._threads = [
+            threading.Thread(target=self._run, args=(i > 0,), name=f"{name}-{i}", daemon=True) for i in range(threads)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -70,6 +83,19 @@ class DecodeQueue:
             for deadline, work in items:
                 heapq.heappush(self._heap, (deadline, next(self._order), work))
             self._condition.notify()
+
+    @property
+    def spares_open(self) -> bool:
+        """Whether the threads after the first may take work."""
+        return self._spares_open
+
+    @spares_open.setter
+    def spares_open(self, value: bool) -> None:
+        with self._condition:
+            if value != self._spares_open:
+                self._spares_open = value
+                if value:
+                    self._condition.notify_all()
 
     @property
     def idle(self) -> bool:
@@ -112,14 +138,28 @@ class DecodeQueue:
         self._running.update(id(item.owner) for item in batch)
         return batch
 
-    def _run(self) -> None:
+    def _spare_wait(self) -> float | None:
+        """(locked) For a spare thread with work queued: 0 if it may take work now, else the seconds
+        until the earliest deadline becomes urgent."""
+        if self._spares_open:
+            return 0.0
+        return max(0.0, self._heap[0][0] - URGENT_SECONDS - time.monotonic())
+
+    def _run(self, spare: bool) -> None:
         while True:
             with self._condition:
-                while (batch := self._take() if self._heap else None) is None:
+                while True:
+                    wait = None
+                    if self._heap:
+                        wait = self._spare_wait() if spare else 0.0
+                        if wait == 0.0:
+                            if (batch := self._take()) is not None:
+                                break
+                            wait = None  # every queued item's owner is busy: wait for one to finish
                     if self._closed and not self._heap and not self._running:
                         self._condition.notify_all()
                         return
-                    self._condition.wait()
+                    self._condition.wait(wait)
             try:
                 if batch[0].group is None:
                     batch[0].work()

@@ -27,8 +27,9 @@ AUTO_BATCH = {"cpu": 8, "cuda": 16}
 # alone; on tcmalloc (the image's) more frames per call save little (40 against 42 ms per frame)
 # while every stream in the call waits for all of it (BENCHMARKS.md, "codec kernels and batches").
 CPU_DECODE_FRAMES = 24
-# Threads that decode different streams' chunks at the same time on a CPU: while several streams
-# play, the model runs ahead of the codec, and a second decode thread uses the core it leaves idle.
+# Threads that decode different streams' chunks at the same time on a CPU. The second decodes only
+# while the model thread has nothing to do (`DecodeQueue.spares_open`): where the codec bounds the
+# streams, the model finishes its frames first and the second thread then uses the core it leaves.
 CPU_DECODE_THREADS = 2
 
 

@@ -14,7 +14,8 @@ Rows join a batch as soon as they are prefilled and leave it when they finish, a
 fail, or wait for text. Audio is decoded on decode threads (`DecodeQueue`), also earliest
 deadline first, so that decoding overlaps generation; a request's first chunk, its listener's
 whole wait, decodes on the model thread right after the step that made it. A round that starts
-while nothing is being decoded runs on every core. Cancelling a job takes effect before its next
+while nothing is being decoded runs on every core; a second decode thread runs only while the model
+thread has nothing to do (`DecodeQueue`). Cancelling a job takes effect before its next
 step.
 """
 
@@ -64,7 +65,8 @@ class EngineWorker:
         name: str = "qwen3tts-engine",
     ) -> None:
         """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks);
-        ``decode_threads``: threads that decode different streams' chunks at the same time;
+        ``decode_threads``: threads that decode different streams' chunks at the same time (all but the
+        first only while this thread has nothing to do);
         ``idle_codec_threads``: PyTorch CPU threads of a round that starts while nothing is being
         decoded (None: the model thread's own)."""
         if max_batch < 1:
@@ -147,6 +149,7 @@ class EngineWorker:
         with self.condition:
             while True:
                 if self._stopping:
+                    self._decoder.spares_open = True  # what is queued drains on every thread
                     for job in self._jobs:
                         if not job.done:
                             job._end(JobCancelled("the engine is shutting down"))
@@ -165,7 +168,10 @@ class EngineWorker:
                     prefill=min(starting, key=lambda j: (j.deadline, j.id)) if starting else None,
                 )
                 if round_.text_news or round_.prefill or any(job.steppable for job in self._jobs):
+                    self._decoder.spares_open = False
                     return round_
+                # Nothing for the model to do: the spare decode threads may have its cores.
+                self._decoder.spares_open = True
                 self.condition.wait()
 
     def _next_batch(self) -> list[SynthesisJob]:
