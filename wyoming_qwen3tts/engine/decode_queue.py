@@ -82,7 +82,8 @@ class DecodeQueue:
                 raise RuntimeError("the decode queue is shut down")
             for deadline, work in items:
                 heapq.heappush(self._heap, (deadline, next(self._order), work))
-            self._condition.notify()
+            # Every thread: a spare one that is woken may decline the work, which must not be lost.
+            self._condition.notify_all()
 
     @property
     def spares_open(self) -> bool:
