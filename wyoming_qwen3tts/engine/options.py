@@ -28,8 +28,9 @@ AUTO_BATCH = {"cpu": 8, "cuda": 16}
 # while every stream in the call waits for all of it (BENCHMARKS.md, "codec kernels and batches").
 CPU_DECODE_FRAMES = 24
 # Threads that decode different streams' chunks at the same time on a CPU. The second decodes only
-# while the model thread has nothing to do (`DecodeQueue.spares_open`): where the codec bounds the
-# streams, the model finishes its frames first and the second thread then uses the core it leaves.
+# while the model thread has nothing to do or a listener is about to run out of audio
+# (`DecodeQueue`): where the codec bounds the streams, the model finishes its frames first and the
+# second thread then uses the core it leaves.
 CPU_DECODE_THREADS = 2
 
 

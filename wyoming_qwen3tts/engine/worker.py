@@ -15,8 +15,8 @@ fail, or wait for text. Audio is decoded on decode threads (`DecodeQueue`), also
 deadline first, so that decoding overlaps generation; a request's first chunk, its listener's
 whole wait, decodes on the model thread right after the step that made it. A round that starts
 while nothing is being decoded runs on every core; a second decode thread runs only while the model
-thread has nothing to do (`DecodeQueue`). Cancelling a job takes effect before its next
-step.
+thread has nothing to do or a listener is about to run out of audio (`DecodeQueue`). Cancelling a
+job takes effect before its next step.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class EngineWorker:
     ) -> None:
         """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks);
         ``decode_threads``: threads that decode different streams' chunks at the same time (all but the
-        first only while this thread has nothing to do);
+        first only while this thread has nothing to do, or for a listener about to run out of audio);
         ``idle_codec_threads``: PyTorch CPU threads of a round that starts while nothing is being
         decoded (None: the model thread's own)."""
         if max_batch < 1:
