@@ -139,7 +139,7 @@ class DecodeQueue:
         self._running.update(id(item.owner) for item in batch)
         return batch
 
-    def _spare_wait(self) -> float | None:
+    def _spare_wait(self) -> float:
         """(locked) For a spare thread with work queued: 0 if it may take work now, else the seconds
         until the earliest deadline becomes urgent."""
         if self._spares_open:
