@@ -1,15 +1,19 @@
 """Talker attention for a batch of streams: per row over its own cache, or one padded, masked call.
 
-    python benchmarks/attention_probe.py [--rows 2,4,8] [--threads 1]
+    python benchmarks/attention_probe.py [--rows 2,4,8,16] [--threads 1] [--device cpu]
 
 The real 0.6B talker's shapes (28 layers, 16 query heads, 8 key/value heads of 128) and rows of
-different history lengths, as a batch of streams has. Three ways to attend, per step:
+different history lengths, as a batch of streams has. The engine's two ways for one step of the
+batch (`EngineOptions.batch_attention`), each writing the step's keys and attending, every layer:
 
-* per row: each row's query against its own cache (`kv_cache.RowCaches`, what the engine does);
-* padded, gathered: the rows' keys and values copied into one padded tensor, one masked call;
-* padded, pooled: the rows' caches kept in one padded tensor all along (no copy), one masked call.
+* per row: each row writes into and attends to its own cache (`kv_cache.RowCaches`);
+* padded: the rows' histories are slots of one padded tensor (`kv_cache.PaddedRows`): one write
+  for all rows, one masked call.
 
-The linear layers are not part of this: they run batched either way. Writes a section of
+Besides the time, the PyTorch operators each way dispatches per step: on a GPU each one costs
+host time (and those that compute, a kernel launch), which is what a step of a small model there
+is made of. The
+linear layers are not part of this: they run batched either way. Writes a section of
 BENCHMARKS.md.
 """
 
@@ -21,86 +25,103 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from bench import machine
 from report import write_report
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from wyoming_qwen3tts.engine.kv_cache import KVSlots, PaddedRows, RowCaches, StaticKVCache
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 28, 16, 8, 128
 
 
-def timed(function, repeats: int = 20) -> float:
+class OperatorCount(TorchDispatchMode):
+    """Counts the PyTorch operators that run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def timed(function, device: torch.device, repeats: int = 20) -> float:
     function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / repeats
 
 
-def probe(rows: int, lengths: list[int]) -> dict[str, float]:
-    longest = max(lengths)
-    caches = [(torch.randn(LAYERS, 1, KV_HEADS, n, HEAD_DIM), torch.randn(LAYERS, 1, KV_HEADS, n, HEAD_DIM)) for n in lengths]
-    pool_k = torch.zeros(LAYERS, rows, KV_HEADS, longest, HEAD_DIM)
-    pool_v = torch.zeros_like(pool_k)
-    for i, (k, v) in enumerate(caches):
-        pool_k[:, i, :, : lengths[i]] = k[:, 0]
-        pool_v[:, i, :, : lengths[i]] = v[:, 0]
-    mask = torch.zeros(rows, 1, 1, longest, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        mask[i, ..., :n] = True
-    q = torch.randn(rows, HEADS, 1, HEAD_DIM)
+def probe(lengths: list[int], device: torch.device, dtype: torch.dtype) -> dict[str, tuple[float, int]]:
+    """{way: (seconds per step, operators per step)} for rows with ``lengths`` positions so far."""
+    rows = len(lengths)
+    capacity = max(lengths) + 64
+    own = [StaticKVCache(LAYERS, KV_HEADS, HEAD_DIM, capacity, dtype, device) for _ in lengths]
+    slots = KVSlots(LAYERS, KV_HEADS, HEAD_DIM, dtype, device, slots=rows, capacity=capacity)
+    pooled = [slots.take(capacity) for _ in lengths]
+    for length, mine, slot in zip(lengths, own, pooled):
+        mine.advance(length)
+        slot.advance(length)
+    q = torch.randn(rows, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+    k = torch.randn(rows, KV_HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+    v = torch.randn_like(k)
     scale = HEAD_DIM**-0.5
 
-    def per_row():
+    def step(batch) -> None:
         for layer in range(LAYERS):
-            torch.cat(
-                [
-                    F.scaled_dot_product_attention(q[i : i + 1], k[layer], v[layer], scale=scale, enable_gqa=True)
-                    for i, (k, v) in enumerate(caches)
-                ]
-            )
+            batch.attend(layer, q, k, v, scale)
 
-    def padded(gather: bool):
-        for layer in range(LAYERS):
-            if gather:
-                keys = torch.zeros(rows, KV_HEADS, longest, HEAD_DIM)
-                values = torch.zeros_like(keys)
-                for i, (k, v) in enumerate(caches):
-                    keys[i, :, : lengths[i]] = k[layer, 0]
-                    values[i, :, : lengths[i]] = v[layer, 0]
-            else:
-                keys, values = pool_k[layer], pool_v[layer]
-            F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-
+    ways = {"per row": lambda: step(RowCaches(own)), "padded": lambda: step(PaddedRows(pooled))}
+    results = {}
     with torch.inference_mode():
-        return {
-            "per row": timed(per_row),
-            "padded, gathered": timed(lambda: padded(True)),
-            "padded, pooled": timed(lambda: padded(False)),
-        }
+        for name, function in ways.items():
+            counter = OperatorCount()
+            with counter:
+                function()
+            results[name] = (timed(function, device), counter.calls)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="2,4,8")
+    parser.add_argument("--rows", default="2,4,8,16")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    parser.add_argument("--label", default="talker attention for a batch: per row or padded")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     lines = [
-        f"- machine: {machine()}; torch {torch.__version__}, {args.threads} thread(s)",
+        f"- machine: {machine()}; torch {torch.__version__}; on {where}, {str(dtype).removeprefix('torch.')}",
         f"- one talker step's attention over {LAYERS} layers ({HEADS} query heads, {KV_HEADS} key/value heads of "
-        f"{HEAD_DIM}); rows of different history lengths (40 to 300 positions); the linear layers are not included",
+        f"{HEAD_DIM}), writing the step's keys and values included; rows of different history lengths (40 to 300 "
+        "positions); the linear layers are not included; operators: PyTorch operators dispatched per step, views "
+        "included (on a GPU each one costs host time, and those that compute launch a kernel)",
         "",
-        "| rows | per row (ms) | padded, gathered (ms) | padded, pooled (ms) |",
-        "|---|---|---|---|",
+        "| rows | per row (ms) | padded (ms) | per row: operators | padded: operators |",
+        "|---|---|---|---|---|",
     ]
     for rows in [int(r) for r in args.rows.split(",")]:
         lengths = [40 + (260 * i) // max(rows - 1, 1) for i in range(rows)]
-        result = probe(rows, lengths)
-        lines.append(f"| {rows} | " + " | ".join(f"{seconds * 1000:.2f}" for seconds in result.values()) + " |")
+        result = probe(lengths, device, dtype)
+        (row_s, row_ops), (pad_s, pad_ops) = result["per row"], result["padded"]
+        lines.append(f"| {rows} | {row_s * 1000:.2f} | {pad_s * 1000:.2f} | {row_ops} | {pad_ops} |")
     report = "\n".join(lines)
     print(report)
-    write_report(Path(args.output), "talker attention for a batch: per row or padded", report)
+    write_report(Path(args.output), args.label, report)
     return 0
 
 

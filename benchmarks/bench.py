@@ -44,7 +44,7 @@ from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.codec_process import CodecProcess
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import parameter_bytes
-from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.options import BATCH_ATTENTION, EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.request import SpeechRequests
 from wyoming_qwen3tts.serve import build_catalog
 from wyoming_qwen3tts.server.app import WyomingOptions, WyomingTtsServer
@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="none", help="weights of both paths (none, int8, int4; see quantize_speed.py for the comparison)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
+    parser.add_argument(
+        "--batch-attention",
+        choices=BATCH_ATTENTION,
+        default="auto",
+        help="how a batch attends to its talker histories: rows, padded, or auto (padded on a GPU, rows on a CPU)",
+    )
     parser.add_argument("--unbatched", action="store_true", help="also measure each concurrency with one row per step")
     parser.add_argument(
         "--codec-process",
@@ -211,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     rows, newcomers = [], {}
     for codec in codecs:
         rss_before = rss_mib()
-        options = EngineOptions(model=args.checkpoint, load=load, stop=stop, max_batch=args.max_batch, codec_process=codec == "on")
+        options = EngineOptions(
+            model=args.checkpoint,
+            load=load,
+            stop=stop,
+            max_batch=args.max_batch,
+            codec_process=codec == "on",
+            batch_attention=args.batch_attention,
+        )
         engine = SpeechEngine.load(options)
         runtime = engine.runtimes["custom_voice"]
         where = "own process" if isinstance(runtime.decoder, CodecProcess) else "threads"
@@ -292,7 +305,8 @@ def render(args, device, stock, rows, newcomers, memory, per_frame) -> str:
         f"- machine: {machine()}",
         f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
         f"`{Path(args.checkpoint).name}`, our code predictor {'compiled' if args.compile else 'uncompiled'}, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads, batch attention "
+        f"{'padded' if EngineOptions(batch_attention=args.batch_attention).padded_attention(device.type) else 'per row'}",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
         f"the checkpoint's sampling settings; {sentence_tokens(args.checkpoint)}",
         "- Wyoming clients: " + (

@@ -96,11 +96,12 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["attention per row", "padded attention"])
 @pytest.mark.parametrize("kind", SETTINGS)
-def test_each_stream_of_a_batch_gets_the_codes_it_gets_alone(custom_voice_model, kind, monkeypatch):
+def test_each_stream_of_a_batch_gets_the_codes_it_gets_alone(custom_voice_model, kind, padded, monkeypatch):
     wrapper = custom_voice_model
     samplings = SETTINGS[kind](SamplingOptions.from_generation_config(wrapper.generate_defaults))
-    generator = FrameGenerator(wrapper.model)
+    generator = FrameGenerator(wrapper.model, padded_attention=padded)
     texts = prompts(wrapper)
     assert len({p.prefill.shape[1] for p in texts}) == len(texts), "rows of different lengths, each at its own position"
     batched = run_batch(generator, texts, samplings)

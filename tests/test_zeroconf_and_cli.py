@@ -169,6 +169,13 @@ def test_audio_decodes_on_threads_unless_a_codec_process_is_asked_for():
     assert Settings.from_args([], {"QWEN3TTS_CODEC_PROCESS": "true"}).engine.codec_process is True
 
 
+
+def test_batch_attention_is_chosen_by_flag_or_environment_and_is_automatic_otherwise():
+    assert Settings.from_args([], {}).engine.batch_attention == "auto"
+    assert Settings.from_args(["--batch-attention", "padded"], {}).engine.padded_attention("cpu")
+    assert not Settings.from_args([], {"QWEN3TTS_BATCH_ATTENTION": "rows"}).engine.padded_attention("cuda")
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
@@ -179,6 +186,7 @@ def test_audio_decodes_on_threads_unless_a_codec_process_is_asked_for():
         (["--uri", "http://x:1"], {}, "must start with tcp:// or unix://"),
         (["--threads", "-1"], {}, "threads must be 0 (automatic) or more"),
         (["--max-batch", "-2"], {}, "max_batch must be 0 (automatic) or more"),
+        ([], {"QWEN3TTS_BATCH_ATTENTION": "masked"}, "batch_attention must be one of auto, rows, padded"),
         (["--engine", "remote"], {}, "needs at least one --remote-url"),
         (["--engine", "remote", "--remote-url", "gpu-box:8091"], {}, "must start with http://"),
     ],

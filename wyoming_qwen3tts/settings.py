@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .engine.options import (
     ATTENTIONS,
+    BATCH_ATTENTION,
     DEFAULT_CLONE_MODEL,
     DEVICES,
     DTYPES,
@@ -130,6 +131,7 @@ def from_namespace(args: argparse.Namespace) -> Settings:
             chunks=ChunkSchedule.starting_with(args.first_chunk_frames),
             max_batch=args.max_batch,
             codec_process=args.codec_process,
+            batch_attention=args.batch_attention,
         ),
         remote=remote,
         http=http,
@@ -211,6 +213,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         engine.max_batch,
         type=int,
         help="most streams that share one model step (0 = what suits the device: 8 on a CPU, 16 on a GPU)",
+    )
+    option(
+        "--batch-attention",
+        engine.batch_attention,
+        choices=BATCH_ATTENTION,
+        help="how streams sharing a step attend to their histories: rows (one call per stream), padded (one "
+        "masked call for all); auto = padded on a GPU, rows on a CPU",
     )
     switch(
         "--codec-process",

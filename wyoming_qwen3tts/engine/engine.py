@@ -121,7 +121,14 @@ class SpeechEngine:
                     # Where audio decodes changes speed, never speech: serve on with decode threads.
                     _LOGGER.warning("Decoding audio on threads of this process instead: %s", err)
                     process.close()
-            runtimes[role] = ModelRuntime.create(wrapper, decoder, folder, compile=options.load.compile, max_batch=max_batch)
+            runtimes[role] = ModelRuntime.create(
+                wrapper,
+                decoder,
+                folder,
+                compile=options.load.compile,
+                max_batch=max_batch,
+                padded_attention=options.padded_attention(placement.device.type),
+            )
             _LOGGER.info(
                 "Loaded %s (%s) on %s as %s: %.0f MiB of model weights, %.0f MiB of codec%s",
                 name,

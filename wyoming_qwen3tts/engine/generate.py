@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import RowCaches, StaticKVCache
+from .kv_cache import KVSlots, PaddedRows, RowCaches, SlotKVCache, StaticKVCache
 from .layers import DecoderStack
 from .options import MIN_FRAMES
 from .predictor import CodePredictorLoop, PredictorSampling
@@ -39,7 +39,7 @@ class GenerationState:
     predictor_sampling: PredictorSampling  # the code predictor's part of ``sampling``
     max_frames: int
     noise: ExponentialNoise | None  # the random numbers its sampling draws (None: greedy)
-    talker_cache: StaticKVCache
+    talker_cache: StaticKVCache | SlotKVCache
     seen: torch.Tensor  # codebook-0 ids generated so far (repetition penalty)
     last_hidden: torch.Tensor | None = None  # talker output of the last position, [1, 1, D]
     next_code0: torch.Tensor | None = None  # codebook-0 id of the next frame, [1]
@@ -61,11 +61,20 @@ class GenerationState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def finish(self, reason: str) -> None:
+        """End the utterance ("eos", "cap" or "cancelled"); its talker history is no longer needed."""
+        self.finish_reason = reason
+        self.talker_cache.release()
+
 
 class FrameGenerator:
     """Generates codec frames for one loaded model. Not thread-safe: one owner thread."""
 
-    def __init__(self, model: "Qwen3TTSForConditionalGeneration", compile: bool = False) -> None:
+    def __init__(
+        self, model: "Qwen3TTSForConditionalGeneration", compile: bool = False, padded_attention: bool = False
+    ) -> None:
+        """``padded_attention``: keep the rows' talker histories in one padded tensor and attend in
+        one masked call per layer (`kv_cache.PaddedRows`), rather than one call per row."""
         self.model = model
         talker = model.talker
         self.talker = talker
@@ -76,6 +85,7 @@ class FrameGenerator:
         self.dtype = talker.dtype
         self.stack = DecoderStack.of(talker.model, tcfg)
         self._talker_dims = (tcfg.num_hidden_layers, tcfg.num_key_value_heads, self.stack.head_dim)
+        self.slots = KVSlots(*self._talker_dims, self.dtype, self.device) if padded_attention else None
         self.code_embeddings = (talker.get_input_embeddings(),) + tuple(talker.code_predictor.model.codec_embedding)
         self.predictor = CodePredictorLoop(talker.code_predictor, talker.get_input_embeddings(), self.groups, compile)
 
@@ -142,7 +152,9 @@ class FrameGenerator:
             predictor_sampling=PredictorSampling.of(sampling),
             max_frames=max(MIN_FRAMES, max_frames),
             noise=noise,
-            talker_cache=StaticKVCache(layers, kv_heads, head_dim, capacity, self.dtype, self.device),
+            talker_cache=self.slots.take(capacity)
+            if self.slots is not None
+            else StaticKVCache(layers, kv_heads, head_dim, capacity, self.dtype, self.device),
             seen=torch.zeros_like(self.suppressed),
         )
         with torch.inference_mode():
@@ -177,9 +189,9 @@ class FrameGenerator:
             for i, eos in zip(candidates, is_eos):
                 state = states[i]
                 if state.frames >= state.max_frames:
-                    state.finish_reason = "cap"
+                    state.finish("cap")
                 elif eos:
-                    state.finish_reason = "eos"
+                    state.finish("eos")
                 else:
                     ready.append(i)
             if not ready:
@@ -198,7 +210,7 @@ class FrameGenerator:
             for i, state, frame in zip(ready, rows, made):
                 state.frames += 1
                 if state.frames >= state.max_frames:
-                    state.finish_reason = "cap"
+                    state.finish("cap")
                 else:
                     state.pending = frame  # the talker reads it at the next step
                 frames[i] = frame
@@ -227,7 +239,9 @@ class FrameGenerator:
         text = torch.cat([s.prompt.text_track.at(s.frames - 1) for s in rows])
         positions = torch.tensor([[s.talker_cache.length] for s in rows], device=self.device)
         cos, sin = self._talker_rope(positions)
-        hidden = self.stack.forward(embeds + text, cos, sin, RowCaches([s.talker_cache for s in rows]))
+        caches = [s.talker_cache for s in rows]
+        batch = PaddedRows(caches) if self.slots is not None and len(rows) > 1 else RowCaches(caches)
+        hidden = self.stack.forward(embeds + text, cos, sin, batch)
         self._choose_code0(rows, self.talker.codec_head(hidden[:, -1]).float())
         for i, state in enumerate(rows):
             state.last_hidden = hidden[i : i + 1]

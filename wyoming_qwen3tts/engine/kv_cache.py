@@ -6,10 +6,17 @@
 * `RowCaches`: a batch of talker rows, each over its own `StaticKVCache` of its own length.
   The linear layers see the whole batch at once (one read of the weights); attention runs row by
   row over each row's own keys. On a CPU that costs a few microseconds per row and layer, less
-  than gathering the rows into one padded, masked call (`benchmarks/attention_probe.py`).
+  than one padded, masked call (`benchmarks/attention_probe.py`).
+* `KVSlots`, `SlotKVCache`, `PaddedRows`: the talker histories of all utterances in progress as
+  slots of one padded tensor, so that a batch writes its keys in one call and attends in one
+  masked call per layer, whatever its number of rows. For a GPU, where each call costs a kernel
+  launch and the Python around it: per row, 16 streams take over a hundred calls per layer.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +77,9 @@ class StaticKVCache(_SharedHistory):
     def advance(self, steps: int) -> None:
         self.length += steps
 
+    def release(self) -> None:
+        """Nothing to give back: the memory goes with the cache."""
+
 
 class GrowingKVCache(_SharedHistory):
     """Keys and values that grow by concatenation: for the code predictor's 16 positions.
@@ -105,6 +115,145 @@ class RowCaches:
         return torch.cat(
             [row.attend(layer, q[i : i + 1], k[i : i + 1], v[i : i + 1], scaling) for i, row in enumerate(self.rows)]
         )
+
+    def advance(self, steps: int) -> None:
+        for row in self.rows:
+            row.advance(steps)
+
+
+class KVSlots:
+    """The talker keys and values of every utterance in progress on one model, as slots of one
+    padded tensor per kind: [layers, slots, kv_heads, capacity, head_dim].
+
+    An utterance takes a slot at its prefill (`take`) and gives it back when it finishes or is
+    dropped. Both dimensions grow when needed (a copy, rarely): slots by half again, capacity by
+    doubling. Every slot has the capacity of the longest utterance so far, which a server's
+    sentence-sized segments keep to a few hundred positions. Taken and given back from any
+    thread; the tensors are only touched by the model's owner thread.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device, slots: int = 2, capacity: int = 256) -> None:
+        shape = (layers, slots, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._free = list(range(slots))
+        self._lock = threading.Lock()
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return self.slots - len(self._free)
+
+    def take(self, capacity: int) -> "SlotKVCache":
+        """A cache for one new utterance, with room for ``capacity`` positions."""
+        with self._lock:
+            if not self._free:
+                before = self.slots
+                self._resize(slots=before + max(1, before // 2))
+                self._free.extend(range(before, self.slots))
+            # Lowest first: a batch of the utterances in progress is then mostly one run of slots.
+            slot = min(self._free)
+            self._free.remove(slot)
+        self.reserve(capacity)
+        # A slot's stale positions are masked out of attention, but a masked NaN (left by a row
+        # whose step broke) would still poison the weighted sum: start clean.
+        self.keys[:, slot].zero_()
+        self.values[:, slot].zero_()
+        return SlotKVCache(self, slot)
+
+    def give_back(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._free:
+                self._free.append(slot)
+
+    def reserve(self, capacity: int) -> None:
+        """Make every slot hold at least ``capacity`` positions."""
+        if capacity > self.capacity:
+            self._resize(capacity=max(capacity, 2 * self.capacity))
+
+    def _resize(self, slots: int | None = None, capacity: int | None = None) -> None:
+        slots, capacity = slots or self.slots, capacity or self.capacity
+        shape = self.keys.shape[:1] + (slots,) + self.keys.shape[2:3] + (capacity,) + self.keys.shape[4:]
+        # Both allocated before either is replaced: out of memory leaves the slots as they were.
+        keys, values = self.keys.new_zeros(shape), self.values.new_zeros(shape)
+        for new, old in ((keys, self.keys), (values, self.values)):
+            new[:, : old.shape[1], :, : old.shape[3]] = old
+        self.keys, self.values = keys, values
+
+
+class SlotKVCache(_SharedHistory):
+    """One utterance's talker history in a slot of `KVSlots`: on its own, it attends as a
+    `StaticKVCache` does (its slot's positions so far, no mask); in a batch, see `PaddedRows`."""
+
+    def __init__(self, pool: KVSlots, slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.length = 0
+        # Whoever drops the utterance (a finished, cancelled or failed job) frees its slot.
+        self._release = weakref.finalize(self, pool.give_back, slot)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        end = self.length + key_states.shape[-2]
+        self.pool.reserve(end)
+        keys = self.pool.keys[layer_idx, self.slot : self.slot + 1]
+        values = self.pool.values[layer_idx, self.slot : self.slot + 1]
+        keys[:, :, self.length : end] = key_states
+        values[:, :, self.length : end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def release(self) -> None:
+        """Give the slot back now (the utterance is done with it)."""
+        self._release()
+
+
+class PaddedRows:
+    """A batch of talker rows in slots of one `KVSlots`, one new position each: per layer, one
+    write of all rows' keys and values, then one attention call over the rows' slots, masked to
+    each row's own length. Built once per step; its layers all use the same mask."""
+
+    def __init__(self, rows: list[SlotKVCache]) -> None:
+        self.rows = rows
+        self.pool = rows[0].pool
+        lengths = [row.length for row in rows]
+        self.end = max(lengths) + 1
+        self.pool.reserve(self.end)
+        device = self.pool.keys.device
+        slots = [row.slot for row in rows]
+        self.slots = torch.tensor(slots, device=device)
+        self.positions = torch.tensor(lengths, device=device)
+        # Slots in one run need no gather: the padded keys are a view of the pool.
+        self.run = slice(slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        self.mask = (torch.arange(self.end, device=device) <= self.positions.unsqueeze(1)).view(len(rows), 1, 1, self.end)
+
+    def attend(self, layer: int, q, k, v, scaling: float) -> torch.Tensor:
+        if k.shape[2] != 1:
+            raise ValueError("a padded batch takes one new position per row")
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        keys[self.slots, :, self.positions] = k[:, :, 0]
+        values[self.slots, :, self.positions] = v[:, :, 0]
+        if self.run is not None:
+            keys, values = keys[self.run, :, : self.end], values[self.run, :, : self.end]
+        else:
+            keys = keys[:, :, : self.end].index_select(0, self.slots)
+            values = values[:, :, : self.end].index_select(0, self.slots)
+        # One query position: the query heads that share a key/value head are rows of one head's
+        # query, which any attention kernel takes with a mask (grouped-query support with a mask
+        # varies by kernel and version).
+        batch, heads, _, head_dim = q.shape
+        grouped = q.reshape(batch, keys.shape[1], heads // keys.shape[1], head_dim)
+        attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask, scale=scaling)
+        return attended.reshape(batch, heads, 1, head_dim)
 
     def advance(self, steps: int) -> None:
         for row in self.rows:

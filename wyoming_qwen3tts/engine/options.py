@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 QUANTIZE = ("auto", "none", "int8", "int4")
+BATCH_ATTENTION = ("auto", "rows", "padded")
 
 # The package's talker may not stop before its second frame (`min_new_tokens=2`).
 MIN_FRAMES = 2
@@ -133,10 +134,23 @@ class EngineOptions:
     # weights are shared, not copied). Off by default: on a CPU the real model's time goes to
     # arithmetic, and there it measured the same as decode threads.
     codec_process: bool = False
+    # How a batch of streams attends to its talker histories: "rows", one call per row over its
+    # own history (on a CPU, cheaper than a padded call: BENCHMARKS.md, "talker attention for a
+    # batch"); "padded", one masked call per layer over one padded tensor of all histories (a
+    # GPU, where every call is a kernel launch); "auto": padded on a GPU, rows on a CPU.
+    batch_attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch < 0:
             raise ValueError(f"max_batch must be 0 (automatic) or more, not {self.max_batch}")
+        if self.batch_attention not in BATCH_ATTENTION:
+            raise ValueError(f"batch_attention must be one of {', '.join(BATCH_ATTENTION)}, not {self.batch_attention!r}")
+
+    def padded_attention(self, device_type: str) -> bool:
+        """Whether batches attend in one padded, masked call per layer on this kind of device."""
+        if self.batch_attention == "auto":
+            return device_type != "cpu"
+        return self.batch_attention == "padded"
 
     def batch_size(self, device_type: str) -> int:
         """The most rows of one step on this kind of device."""

@@ -43,9 +43,10 @@ class ModelRuntime:
         folder: Path | None = None,
         compile: bool = False,
         max_batch: int = 1,
+        padded_attention: bool = False,
     ) -> "ModelRuntime":
         sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
-        frames = FrameGenerator(wrapper.model, compile=compile)
+        frames = FrameGenerator(wrapper.model, compile=compile, padded_attention=padded_attention)
         frames.warm_up(sampling, batches=max_batch > 1)
         return cls(
             wrapper=wrapper,

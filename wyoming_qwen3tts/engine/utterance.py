@@ -140,7 +140,7 @@ class Utterance:
 
     def cancel(self) -> None:
         if self.state is not None and not self.state.finished:
-            self.state.finish_reason = "cancelled"
+            self.state.finish("cancelled")
         self._pending.clear()
 
     def take_frame(self, frame: torch.Tensor | None) -> CodeChunk | None:
