@@ -9,8 +9,8 @@
   than one padded, masked call (`benchmarks/attention_probe.py`).
 * `KVSlots`, `SlotKVCache`, `PaddedRows`: the talker histories of all utterances in progress as
   slots of one padded tensor, so that a batch writes its keys in one call and attends in one
-  masked call per layer, whatever its number of rows. For a GPU, where each call costs a kernel
-  launch and the Python around it: per row, 16 streams take over a hundred calls per layer.
+  masked call per layer, whatever its number of rows. For a GPU, where each operator costs host
+  time and most launch a kernel: per row, 16 streams dispatch 224 operators per layer, padded 11.
 """
 
 from __future__ import annotations
