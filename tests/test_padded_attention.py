@@ -12,16 +12,22 @@ import gc
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import CodeRecorder
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.kv_cache import KVSlots, PaddedRows, RowCaches, StaticKVCache
 from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
+from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions, SamplingOptions
 
 LAYERS, KV_HEADS, HEADS, HEAD_DIM = 2, 2, 4, 8
 SCALE = HEAD_DIM**-0.5
+GREEDY = SamplingOptions().greedy()
+TEXTS = ["Turn on the kitchen lights.", "What's the weather like tomorrow?", "Set a timer for ten minutes."]
+SPEAKERS = ["ryan", "vivian", "aiden"]
 
 
 def filled(cache, length: int, seed: int) -> None:
@@ -110,6 +116,41 @@ def test_slots_come_back_when_an_utterance_ends_or_is_dropped_and_are_reused_cle
     assert all(torch.isfinite(out).all() for out in outputs), "stale NaN in a reused slot leaked into attention"
 
 
+class OperatorCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def talker_operators(model, rows: int, padded: bool) -> int:
+    """Operators one batched talker step of ``rows`` streams dispatches (on a GPU: host work)."""
+    generator = FrameGenerator(model.model, padded_attention=padded)
+    states = [
+        generator.prefill(build_prompt(model, TEXTS[i % 3], PresetSpeaker(SPEAKERS[i % 3]), "english"), GREEDY, 50)
+        for i in range(rows)
+    ]
+    generator.step(states)  # makes each row's first frame, which the talker reads next
+    counter = OperatorCount()
+    with torch.inference_mode(), counter:
+        generator._advance_talker(states)
+    return counter.calls
+
+
+def test_padded_attention_dispatches_no_operators_per_row_and_layer(custom_voice_model):
+    per_row = {rows: talker_operators(custom_voice_model, rows, padded=False) for rows in (2, 8)}
+    padded = {rows: talker_operators(custom_voice_model, rows, padded=True) for rows in (2, 8)}
+    layers = custom_voice_model.model.config.talker_config.num_hidden_layers
+    grown = per_row[8] - per_row[2]
+    assert grown >= 6 * layers * 10, f"per row: operators for every row and layer {per_row}"
+    # Beyond attention a few operators per row remain (a row's repetition-penalty mark, its slice
+    # of the output), none per layer.
+    assert padded[8] - padded[2] <= grown / 4, f"padded attention grew with the rows: {padded} against {per_row}"
+
+
 def test_batch_attention_is_padded_on_a_gpu_and_per_row_on_a_cpu_unless_chosen():
     assert EngineOptions().padded_attention("cuda") and not EngineOptions().padded_attention("cpu")
     assert EngineOptions(batch_attention="padded").padded_attention("cpu")
@@ -119,10 +160,6 @@ def test_batch_attention_is_padded_on_a_gpu_and_per_row_on_a_cpu_unless_chosen()
 
 
 # Through the engine's worker.
-
-GREEDY = SamplingOptions().greedy()
-TEXTS = ["Turn on the kitchen lights.", "What's the weather like tomorrow?", "Set a timer for ten minutes."]
-SPEAKERS = ["ryan", "vivian", "aiden"]
 
 
 def load(checkpoints, batch_attention: str) -> SpeechEngine:
