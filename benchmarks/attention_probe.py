@@ -26,24 +26,12 @@ from pathlib import Path
 
 import torch
 from bench import machine
-from report import write_report
-from torch.utils._python_dispatch import TorchDispatchMode
+from report import publish
 
+from wyoming_qwen3tts.dev.operator_count import OperatorCount
 from wyoming_qwen3tts.engine.kv_cache import KVSlots, PaddedRows, RowCaches, StaticKVCache
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 28, 16, 8, 128
-
-
-class OperatorCount(TorchDispatchMode):
-    """Counts the PyTorch operators that run under it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def timed(function, device: torch.device, repeats: int = 20) -> float:
@@ -119,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         result = probe(lengths, device, dtype)
         (row_s, row_ops), (pad_s, pad_ops) = result["per row"], result["padded"]
         lines.append(f"| {rows} | {row_s * 1000:.2f} | {pad_s * 1000:.2f} | {row_ops} | {pad_ops} |")
-    report = "\n".join(lines)
-    print(report)
-    write_report(Path(args.output), args.label, report)
+    publish(Path(args.output), args.label, lines)
     return 0
 
 

@@ -24,3 +24,10 @@ def write_report(path: Path, label: str, report: str) -> None:
     sections[label] = f"_{time.strftime('%Y-%m-%d')}_\n\n{report}"
     text = header + "".join(f"\n## {name}\n\n{body}\n" for name, body in sections.items())
     path.write_text(text, encoding="utf-8")
+
+
+def publish(path: Path, label: str, lines: list[str]) -> None:
+    """Print a run's report and write it as its section of BENCHMARKS.md."""
+    report = "\n".join(lines)
+    print(report)
+    write_report(path, label, report)

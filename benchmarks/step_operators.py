@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from bench import machine
-from report import write_report
-from torch.utils._python_dispatch import TorchDispatchMode
+from report import publish
 from wyoming_clients import TEXT
 
+from wyoming_qwen3tts.dev.operator_count import OperatorCount
 from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
 from wyoming_qwen3tts.engine.prompt import build_prompt
@@ -30,31 +30,7 @@ from wyoming_qwen3tts.engine.sampling import SamplingOptions
 from wyoming_qwen3tts.speech import PresetSpeaker
 
 
-class StageOperators(TorchDispatchMode):
-    """Counts the operators dispatched under it, by the stage named in ``stage``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-        self.stage = "step"
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[self.stage] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def staged(counter: StageOperators, stage: str, function):
-    def wrapped(*args, **kwargs):
-        counter.stage = stage
-        try:
-            return function(*args, **kwargs)
-        finally:
-            counter.stage = "step"
-
-    return wrapped
-
-
-def count(wrapper, rows: int, padded: bool) -> Counter[str]:
+def operators(wrapper, rows: int, padded: bool) -> Counter[str]:
     """Operators of one step of ``rows`` streams (each a few frames in, at its own length)."""
     generator = FrameGenerator(wrapper.model, padded_attention=padded)
     sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
@@ -67,12 +43,12 @@ def count(wrapper, rows: int, padded: bool) -> Counter[str]:
     ]
     for _ in range(2):
         generator.step(states)
-    counter = StageOperators()
-    generator._advance_talker = staged(counter, "talker", generator._advance_talker)
-    generator.predictor.codes = staged(counter, "code predictor", generator.predictor.codes)
-    with counter:
+    count = OperatorCount()
+    generator._advance_talker = count.staged("talker", generator._advance_talker)
+    generator.predictor.codes = count.staged("code predictor", generator.predictor.codes)
+    with count:
         generator.step(states)
-    return counter.counts
+    return count.by_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         for rows in [int(r) for r in args.rows.split(",")]:
             cells = []
             for padded in (False, True):
-                counts = count(wrapper, rows, padded)
+                counts = operators(wrapper, rows, padded)
                 cells += [counts["talker"], counts["code predictor"], sum(counts.values())]
             lines.append(f"| {rows} | " + " | ".join(str(c) for c in cells) + " |")
-    report = "\n".join(lines)
-    print(report)
-    write_report(Path(args.output), args.label, report)
+    publish(Path(args.output), args.label, lines)
     return 0
 
 

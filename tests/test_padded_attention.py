@@ -12,10 +12,10 @@ import gc
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import CodeRecorder
 
+from wyoming_qwen3tts.dev.operator_count import OperatorCount
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.kv_cache import KVSlots, PaddedRows, RowCaches, StaticKVCache
@@ -114,16 +114,6 @@ def test_slots_come_back_when_an_utterance_ends_or_is_dropped_and_are_reused_cle
     with sdpa_kernel(SDPBackend.MATH):
         outputs = one_step(PaddedRows(reused), 2, seed=3)
     assert all(torch.isfinite(out).all() for out in outputs), "stale NaN in a reused slot leaked into attention"
-
-
-class OperatorCount(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def talker_operators(model, rows: int, padded: bool) -> int:
