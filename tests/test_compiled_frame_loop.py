@@ -6,6 +6,7 @@ Compiling takes a minute on a 2-core machine, so one compiled generator serves t
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ import torch
 from helpers import MAX_NEW_TOKENS, TEXTS, official_greedy_codes_and_audio, official_seeded_codes
 
 from wyoming_qwen3tts.engine import predictor as predictor_module
+from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.kv_cache import StaticKVCache
 from wyoming_qwen3tts.engine.layers import DecoderStack
+from wyoming_qwen3tts.engine.loader import LoadOptions
+from wyoming_qwen3tts.engine.options import EngineOptions
 from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
 from wyoming_qwen3tts.speech import SamplingOptions
 
@@ -176,3 +180,22 @@ def test_a_compiled_batch_gives_the_uncompiled_batch_s_codes(
     assert compiled_generator.predictor.compiled_frames - compiled_before == 3 * FRAMES, "every row of every step compiled"
     for compiled, eager in zip(ours, batch(FrameGenerator(wrapper.model))):
         assert torch.equal(compiled, eager)
+
+
+def test_an_engine_compiles_on_the_thread_that_steps_the_model(checkpoints, monkeypatch):
+    """CUDA graphs belong to the thread that records them: recorded while loading, on another
+    thread, they would be recorded again by the first requests."""
+    warmed_up_on = []
+
+    def warm_up(self, sampling, batches=True):
+        warmed_up_on.append((threading.current_thread().name, batches))
+
+    monkeypatch.setattr(FrameGenerator, "warm_up", warm_up)  # records where, compiles nothing
+    options = EngineOptions(model=str(checkpoints["custom_voice"]), load=LoadOptions(device="cpu", compile=True), max_batch=4)
+    engine = SpeechEngine.load(options)
+    try:
+        model_thread = engine.worker.submit(lambda: threading.current_thread().name).result()
+        assert warmed_up_on == [(model_thread, True)]
+        assert model_thread != threading.current_thread().name
+    finally:
+        engine.close()

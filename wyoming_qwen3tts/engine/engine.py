@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from dataclasses import replace
@@ -57,6 +58,13 @@ class SpeechEngine:
             decode_threads=CPU_DECODE_THREADS if cpu else 1,
             idle_codec_threads=usable_cores() if cpu else None,
         )
+        try:
+            for runtime in runtimes.values():
+                # On the model thread, which steps the model: see `ModelRuntime.warm_up`.
+                self.worker.submit(functools.partial(runtime.warm_up, batches=self.worker.max_batch > 1)).result()
+        except BaseException:
+            self.worker.stop()
+            raise
         self.clone_cache = ClonePromptCache(options.clone_cache_dir)
         self._clone_identity: str | None = None
         self.clones_computed = 0  # clone prompts computed (not found in the cache) since start
@@ -81,13 +89,13 @@ class SpeechEngine:
         # Started first: the child imports PyTorch and the package while the model loads here.
         codec_process = cls._codec_process(placement) if options.codec_process else None
         try:
-            cls._load_models(options, placement, max_batch, runtimes, codec_process)
+            cls._load_models(options, placement, runtimes, codec_process)
+            return cls(runtimes, options)
         except BaseException:
             cls._close_decoders(runtimes)
             if codec_process is not None:
                 codec_process.close()
             raise
-        return cls(runtimes, options)
 
     @staticmethod
     def _codec_process(placement) -> CodecProcess:
@@ -96,7 +104,7 @@ class SpeechEngine:
         return CodecProcess(channels=(CPU_DECODE_THREADS if cpu else 1) + 1, threads=placement.threads)
 
     @staticmethod
-    def _load_models(options: EngineOptions, placement, max_batch: int, runtimes: dict, codec_process) -> None:
+    def _load_models(options: EngineOptions, placement, runtimes: dict, codec_process) -> None:
         for role, name in ((CUSTOM_VOICE, options.model), (BASE, options.clone_model)):
             if not name:
                 continue
@@ -126,7 +134,6 @@ class SpeechEngine:
                 decoder,
                 folder,
                 compile=options.load.compile,
-                max_batch=max_batch,
                 padded_attention=options.padded_attention(placement.device.type),
             )
             _LOGGER.info(

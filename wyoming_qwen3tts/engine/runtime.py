@@ -42,12 +42,11 @@ class ModelRuntime:
         decoder: "StreamingCodecDecoder | CodecProcess | None" = None,
         folder: Path | None = None,
         compile: bool = False,
-        max_batch: int = 1,
         padded_attention: bool = False,
     ) -> "ModelRuntime":
+        """The runtime of a loaded checkpoint; with ``compile``, `warm_up` compiles it."""
         sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
         frames = FrameGenerator(wrapper.model, compile=compile, padded_attention=padded_attention)
-        frames.warm_up(sampling, batches=max_batch > 1)
         return cls(
             wrapper=wrapper,
             frames=frames,
@@ -55,6 +54,12 @@ class ModelRuntime:
             sampling=sampling,
             folder=folder,
         )
+
+    def warm_up(self, batches: bool) -> None:
+        """Compile the code predictor now, if compiling (for batches of two rows or more too, with
+        ``batches``). Call it on the thread that will step the model: PyTorch keeps CUDA graphs
+        per thread, and graphs recorded on another would be recorded again by the first requests."""
+        self.frames.warm_up(self.sampling, batches=batches)
 
     def prepare(self, utterance: Utterance) -> None:
         """Take the text that arrived into the prompt, and prefill once the prompt can start."""
