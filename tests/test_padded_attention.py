@@ -110,7 +110,7 @@ def test_slots_come_back_when_an_utterance_ends_or_is_dropped_and_are_reused_cle
     # The reused slot's row is the shorter: its stale positions beyond its history are masked.
     for cache, length in zip(reused, [4, 2]):
         filled(cache, length, seed=length)
-    # The plain kernel multiplies masked positions by a weight of 0, as some GPU kernels do: 0 * NaN is NaN.
+    # PyTorch's math kernel (its fallback on every device) weighs masked positions by 0, and 0 * NaN is NaN.
     with sdpa_kernel(SDPBackend.MATH):
         outputs = one_step(PaddedRows(reused), 2, seed=3)
     assert all(torch.isfinite(out).all() for out in outputs), "stale NaN in a reused slot leaked into attention"
