@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--codec-process takes off, on or both (off,on), not {args.codec_process!r}")
     stock = per_frame = memory = device = None
     rows, newcomers = [], {}
+    compiled_share = 1.0
     for codec in codecs:
         rss_before = rss_mib()
         options = EngineOptions(
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         idle = min(streams_at_once(port, 1, args.clients).streams[0].first_audio for _ in range(args.repeats))
         busy = min(newcomer(port, args.clients) for _ in range(args.repeats))
         newcomers[where] = {"idle": idle, "busy": busy}
+        # A compile that failed falls back to the uncompiled loop: say what actually ran.
+        frames = runtime.frames
+        compiled_share = min(compiled_share, frames.predictor.compiled_frames / max(1, frames.frames_generated))
         server.stop()
         engine.close()
 
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
-    report = render(args, device, stock, rows, newcomers, memory, per_frame)
+    report = render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share)
     print(report)
     write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
     return 0
@@ -300,11 +304,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render(args, device, stock, rows, newcomers, memory, per_frame) -> str:
+def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share: float) -> str:
+    predictor = (
+        f"compiled ({compiled_share:.0%} of our frames came from the compiled loop)" if args.compile else "uncompiled"
+    )
     lines = [
         f"- machine: {machine()}",
         f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
-        f"`{Path(args.checkpoint).name}`, our code predictor {'compiled' if args.compile else 'uncompiled'}, "
+        f"`{Path(args.checkpoint).name}`, our code predictor {predictor}, "
         f"{torch.get_num_threads()} threads, batch attention "
         f"{'padded' if EngineOptions(batch_attention=args.batch_attention).padded_attention(device.type) else 'per row'}",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
