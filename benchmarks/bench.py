@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     stock = per_frame = memory = device = None
     rows, newcomers = [], {}
     compiled_share = 1.0
+    padded = False
     for codec in codecs:
         rss_before = rss_mib()
         options = EngineOptions(
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         # A compile that failed falls back to the uncompiled loop: say what actually ran.
         frames = runtime.frames
         compiled_share = min(compiled_share, frames.predictor.compiled_frames / max(1, frames.frames_generated))
+        padded = frames.slots is not None
         server.stop()
         engine.close()
 
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
-    report = render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share)
+    report = render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share, padded)
     print(report)
     write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
     return 0
@@ -304,7 +306,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share: float) -> str:
+def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share: float, padded: bool) -> str:
     predictor = (
         f"compiled ({compiled_share:.0%} of our frames came from the compiled loop)" if args.compile else "uncompiled"
     )
@@ -312,8 +314,7 @@ def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_sha
         f"- machine: {machine()}",
         f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
         f"`{Path(args.checkpoint).name}`, our code predictor {predictor}, "
-        f"{torch.get_num_threads()} threads, batch attention "
-        f"{'padded' if EngineOptions(batch_attention=args.batch_attention).padded_attention(device.type) else 'per row'}",
+        f"{torch.get_num_threads()} threads, batch attention {'padded' if padded else 'per row'}",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
         f"the checkpoint's sampling settings; {sentence_tokens(args.checkpoint)}",
         "- Wyoming clients: " + (
