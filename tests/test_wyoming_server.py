@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.error import Error
-from wyoming.event import Event, async_write_event
+from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import Describe, Info
 from wyoming.ping import Ping
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
@@ -296,14 +296,24 @@ async def test_a_long_request_does_not_starve_a_short_one(server):
     ids=["random-bytes", "not-json", "array-header", "no-type", "data-not-object", "absurd-data-length",
          "negative-payload-length", "data-not-object-in-body", "synthesize-without-text", "endless-header"],
 )
-async def test_malformed_input_drops_that_connection_and_the_server_keeps_serving(server, garbage, caplog):
+async def test_malformed_input_gets_an_error_and_drops_that_connection_and_the_server_keeps_serving(server, garbage, caplog):
     caplog.set_level("WARNING")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(garbage)
     await writer.drain()
-    assert await asyncio.wait_for(reader.read(), timeout=10) == b"", "the server closes the connection"
+    # The server says why in one error event, then closes the connection.
+    answer = await asyncio.wait_for(reader.read(), timeout=10)
     writer.close()
-    assert "Dropping 127.0.0.1" in caplog.text
+    events = asyncio.StreamReader()
+    events.feed_data(answer)
+    events.feed_eof()
+    event = await async_read_event(events)
+    assert event is not None and Error.is_type(event.type)
+    error = Error.from_event(event)
+    assert error.code == "malformed-event"
+    assert await async_read_event(events) is None, "nothing after the error"
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dropping 127.0.0.1")]
+    assert len(logged) == 1 and logged[0].split(": ", 1)[1] in error.text, "the client hears what the log says"
     info = await describe(server)
     assert info.tts[0].name == "qwen3-tts"
 

@@ -61,14 +61,15 @@ class TtsEventHandler(AsyncEventHandler):
                 try:
                     event = await read_event(self.reader, self.config.limits)
                 except ProtocolError as err:
-                    _LOGGER.warning("Dropping %s: %s", self.peer, err)
+                    await self._drop(str(err))
                     break
                 if event is None:
                     break
                 try:
                     keep_open = await self.handle_event(event)
                 except (KeyError, TypeError, ValueError, AttributeError) as err:
-                    _LOGGER.warning("Dropping %s: malformed '%s' event (%s: %s)", self.peer, event.type, type(err).__name__, err)
+                    problem = f"no {err.args[0]!r} field" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+                    await self._drop(f"malformed '{event.type}' event ({problem})")
                     break
                 if not keep_open:
                     break
@@ -77,6 +78,14 @@ class TtsEventHandler(AsyncEventHandler):
         finally:
             await self.disconnect()
             self.writer.close()
+
+    async def _drop(self, reason: str) -> None:
+        """Log why the connection ends, and tell the client before closing it."""
+        _LOGGER.warning("Dropping %s: %s", self.peer, reason)
+        try:
+            await self.write_event(Error(text=f"Closing the connection: {reason}", code="malformed-event").event())
+        except ConnectionError:
+            pass  # it left already
 
     async def disconnect(self) -> None:
         if self._stream is not None:
