@@ -261,18 +261,22 @@ def main(argv: list[str] | None = None) -> int:
                 "ours": (ours_long - ours_short) / (args.frames - short),
             }
         batched = engine.worker.max_batch
+        counts = [int(c) for c in args.concurrency.split(",") if c.strip()]
         for max_batch in ([batched, 1] if args.unbatched and batched > 1 else [batched]):
             engine.worker.max_batch = max_batch
-            for count in [int(c) for c in args.concurrency.split(",") if c.strip()]:
-                burst = max(
-                    (streams_at_once(port, count, args.clients) for _ in range(args.repeats)),
-                    key=lambda b: b.aggregate_frames_per_second,
-                )
-                rows.append((where, max_batch, count, burst))
+            # Rounds of every concurrency in turn, not all repeats of one after another: this
+            # machine's speed drifts, and a ratio of two numbers measured minutes apart drifts with it.
+            rounds = [{count: streams_at_once(port, count, args.clients) for count in counts} for _ in range(args.repeats)]
+            for count in counts:
+                burst = max((round_[count] for round_ in rounds), key=lambda b: b.aggregate_frames_per_second)
+                rows.append((where, max_batch, count, burst, round_ratios(rounds, count)))
         engine.worker.max_batch = batched
-        idle = min(streams_at_once(port, 1, args.clients).streams[0].first_audio for _ in range(args.repeats))
-        busy = min(newcomer(port, args.clients) for _ in range(args.repeats))
-        newcomers[where] = {"idle": idle, "busy": busy}
+        pairs = [(streams_at_once(port, 1, args.clients).streams[0].first_audio, newcomer(port, args.clients)) for _ in range(args.repeats)]
+        newcomers[where] = {
+            "idle": min(idle for idle, _busy in pairs),
+            "busy": min(busy for _idle, busy in pairs),
+            "rounds": sorted(busy / idle for idle, busy in pairs),
+        }
         # A compile that failed falls back to the uncompiled loop: say what actually ran.
         frames = runtime.frames
         compiled_share = min(compiled_share, frames.predictor.compiled_frames / max(1, frames.frames_generated))
@@ -296,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
     return 0
+
+
+def round_ratios(rounds: list[dict[int, BurstResult]], count: int) -> list[float]:
+    """Aggregate frames per second of ``count`` streams over one stream's, in each round that ran both."""
+    return sorted(
+        r[count].aggregate_frames_per_second / r[1].aggregate_frames_per_second for r in rounds if 1 in r and count in r
+    )
 
 
 def _free_port() -> int:
@@ -322,17 +333,17 @@ def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_sha
             else "on the benchmark's event loop, in the server's process (they share its interpreter lock)"
         ),
         "",
-        "| path | codec decodes on | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | real-time factor per stream |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| path | codec decodes on | rows per step | streams | first audio (s) | total (s) | aggregate frames/s | vs one stream | vs one stream, each round | real-time factor per stream |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     if stock is not None:
         stock_seconds, stock_fps = stock
         lines.append(
             f"| stock generate_custom_voice | the model's thread | 1 | 1 | {stock_seconds:.3f} (all at the end) | {stock_seconds:.3f} | "
-            f"{stock_fps:.1f} | | {stock_fps * FRAME_SECONDS:.2f} |"
+            f"{stock_fps:.1f} | | | {stock_fps * FRAME_SECONDS:.2f} |"
         )
     single = {}
-    for where, max_batch, count, burst in rows:
+    for where, max_batch, count, burst, ratios in rows:
         streams = burst.streams
         aggregate = burst.aggregate_frames_per_second
         single.setdefault((where, max_batch), aggregate if count == 1 else None)
@@ -341,15 +352,18 @@ def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_sha
         rtf = statistics.median(r.frames_per_second for r in streams) * FRAME_SECONDS
         lines.append(
             f"| ours, Wyoming server | {where} | {max_batch} | {count} | {first:.3f} (median), {max(r.first_audio for r in streams):.3f} (max) | "
-            f"{burst.wall:.3f} | {aggregate:.1f} | {f'{aggregate / base:.2f}x' if base else ''} | {rtf:.2f} (min {min(r.frames_per_second for r in streams) * FRAME_SECONDS:.2f}) |"
+            f"{burst.wall:.3f} | {aggregate:.1f} | {f'{aggregate / base:.2f}x' if base else ''} | "
+            f"{', '.join(f'{ratio:.2f}x' for ratio in ratios) if count != 1 else ''} | "
+            f"{rtf:.2f} (min {min(r.frames_per_second for r in streams) * FRAME_SECONDS:.2f}) |"
         )
     lines.append("")
     for where, newcomer in newcomers.items():
         lines.append(
             f"- first audio of a request arriving while 3 others stream (codec on {where}): {newcomer['busy']:.3f} s, "
-            f"idle server {newcomer['idle']:.3f} s (**{newcomer['busy'] / newcomer['idle']:.2f}x**)"
+            f"idle server {newcomer['idle']:.3f} s (**{newcomer['busy'] / newcomer['idle']:.2f}x**; each round: "
+            f"{', '.join(f'{ratio:.2f}x' for ratio in newcomer['rounds'])})"
         )
-    one = next((burst for _where, _mb, count, burst in rows if count == 1), None)
+    one = next((burst for _where, _mb, count, burst, _ratios in rows if count == 1), None)
     if stock is not None and one is not None:
         stream = one.streams[0]
         lines += [
