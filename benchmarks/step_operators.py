@@ -4,10 +4,10 @@
 
 On a GPU a step of the 0.6B model is made of host work: each operator costs Python and
 dispatch time, and those that compute launch a kernel, whatever their size. The count does not
-depend on the device (but for a few operators a device's kernels split or fuse), so this runs anywhere (on the CPU by default) and shows where a step's host
-work goes: the talker (per row or padded attention, `EngineOptions.batch_attention`) and the code
-predictor's 15 steps (which `--compile` turns into one CUDA graph on a GPU). Writes a section of
-BENCHMARKS.md.
+depend on the device (but for a few operators a device's kernels split or fuse), so this runs
+on the CPU and shows where a step's host work goes: the talker (per row or padded attention,
+`EngineOptions.batch_attention`) and the code predictor's 15 steps (which `--compile` turns
+into one CUDA graph on a GPU). Writes a section of BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -169,7 +169,6 @@ def test_audio_decodes_on_threads_unless_a_codec_process_is_asked_for():
     assert Settings.from_args([], {"QWEN3TTS_CODEC_PROCESS": "true"}).engine.codec_process is True
 
 
-
 def test_batch_attention_is_chosen_by_flag_or_environment_and_is_automatic_otherwise():
     assert Settings.from_args([], {}).engine.batch_attention == "auto"
     assert Settings.from_args(["--batch-attention", "padded"], {}).engine.padded_attention("cpu")
