@@ -12,9 +12,8 @@ batch (`EngineOptions.batch_attention`), each writing the step's keys and attend
 
 Besides the time, the PyTorch operators each way dispatches per step: on a GPU each one costs
 host time (and those that compute, a kernel launch), which is what a step of a small model there
-is made of. The
-linear layers are not part of this: they run batched either way. Writes a section of
-BENCHMARKS.md.
+is made of. The linear layers are not part of this: they run batched either way. Writes a
+section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
