@@ -1,19 +1,26 @@
 """The codec's cost per frame by chunk length and by how many streams share a call, on this CPU.
 
-    python benchmarks/codec_probe.py --checkpoint CKPT [--threads 1]
+    python benchmarks/codec_probe.py --checkpoint CKPT [--threads 1] [--against OTHER_CHECKOUT]
 
 Streams' chunks are short: the first is one frame, later ones up to twelve. For each chunk length
 and number of rows (streams decoded in one call), the milliseconds per frame of our streaming
-decoder, once with PyTorch's own convolutions and once with the matrix-product kernels of
-`engine/codec_kernels.py`; best of three calls, each continuing a stream 24 frames in. Writes a
-section of BENCHMARKS.md, named after the memory allocator (run it with and without
-`LD_PRELOAD=libtcmalloc_minimal.so.4`).
+decoder; best of three calls, each continuing a stream 24 frames in, and for the first row a
+stream's very first frame (what first audio waits for). Writes a section of BENCHMARKS.md, named
+after the memory allocator (run it with and without `LD_PRELOAD=libtcmalloc_minimal.so.4`).
+
+Without `--against`, one process compares PyTorch's own convolutions with the matrix-product
+kernels of `engine/codec_kernels.py`. With `--against DIR` (another checkout of this project,
+e.g. `git worktree add /tmp/before HEAD~1`), it compares that checkout's decoder with this one's:
+each runs in a process of its own, in turns, `--rounds` times, and the best of each is kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,52 +34,126 @@ from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 
-CASES = ((1, 1), (1, 8), (2, 1), (4, 1), (4, 4), (12, 1), (12, 2), (12, 4), (12, 8))  # (frames per chunk, rows)
+FIRST = (1, 0)  # a stream's first frame, on a new state
+CASES = (FIRST, (1, 1), (1, 8), (2, 1), (4, 1), (4, 4), (12, 1), (12, 2), (12, 4), (12, 8))  # (frames per chunk, rows)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def per_frame(decoder: StreamingCodecDecoder, frames: int, rows: int, codes: torch.Tensor) -> float:
+    if (frames, rows) == FIRST:
+        return 1000 * min(_timed(decoder.decode_batch, [decoder.new_state()], [codes[:1]]) for _call in range(3))
     states = [decoder.new_state() for _ in range(rows)]
     decoder.decode_batch(states, [codes[:24]] * rows)
     best = float("inf")
     for call in range(3):
         chunk = codes[24 + call * frames : 24 + (call + 1) * frames]
-        started = time.perf_counter()
-        decoder.decode_batch(states, [chunk] * rows)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, _timed(decoder.decode_batch, states, [chunk] * rows))
     return 1000 * best / (frames * rows)
+
+
+def _timed(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
+def case_name(frames: int, rows: int) -> tuple[str, str]:
+    return ("1", "1, its first frame") if (frames, rows) == FIRST else (str(frames), str(rows))
+
+
+def load_codec(checkpoint: Path):
+    import_qwen_tts()
+    from qwen_tts.core import Qwen3TTSTokenizerV2Model
+
+    return Qwen3TTSTokenizerV2Model.from_pretrained(str(checkpoint / "speech_tokenizer"), dtype=torch.float32)
+
+
+def measure_all(checkpoint: Path) -> list[float]:
+    """Every case's ms per frame with the decoder of the checkout this process imports."""
+    decoder = StreamingCodecDecoder(load_codec(checkpoint).decoder)
+    codes = torch.randint(0, 2048, (80, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return [per_frame(decoder, frames, rows, codes) for frames, rows in CASES]
+
+
+def measured_in(checkout: Path, args) -> list[float]:
+    """`measure_all` in a process that imports the project from ``checkout``."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", str(args.checkpoint), "--threads", str(args.threads), "--worker"]
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the probe failed in {checkout}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def checkout_name(checkout: Path) -> str:
+    """The checkout's commit (with "+" when it has changes), else its folder's name."""
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty=+"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return checkout.name
+    return commit.stdout.strip()
+
+
+def compare_checkouts(args) -> list[str]:
+    other, this = args.against.resolve(), REPO
+    before, after = checkout_name(other), checkout_name(this)
+    best = {other: [float("inf")] * len(CASES), this: [float("inf")] * len(CASES)}
+    for round_ in range(args.rounds):
+        for checkout in (other, this):
+            best[checkout] = [min(a, b) for a, b in zip(best[checkout], measured_in(checkout, args))]
+            print(f"round {round_ + 1}: {checkout_name(checkout)} done", flush=True)
+    lines = [
+        f"| frames per chunk | streams per call | {before} | {after} | {after} / {before} |",
+        "|---|---|---|---|---|",
+    ]
+    for (frames, rows), old, new in zip(CASES, best[other], best[this]):
+        lines.append(f"| {' | '.join(case_name(frames, rows))} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
+    return lines
+
+
+def compare_kernels(args) -> list[str]:
+    codec = load_codec(args.checkpoint)
+    plain_modules = copy.deepcopy(codec.decoder)
+    ours = StreamingCodecDecoder(codec.decoder)
+    codec_kernels.MIN_WEIGHTS = 2**62  # the second decoder keeps PyTorch's convolutions everywhere
+    plain = StreamingCodecDecoder(plain_modules)
+    codes = torch.randint(0, 2048, (80, 16), generator=torch.Generator().manual_seed(0))
+    lines = ["| frames per chunk | streams per call | PyTorch's convolutions | ours |", "|---|---|---|---|"]
+    with torch.inference_mode():
+        for frames, rows in CASES:
+            cells = [per_frame(decoder, frames, rows, codes) for decoder in (plain, ours)]
+            lines.append(f"| {' | '.join(case_name(frames, rows))} | {cells[0]:.1f} | {cells[1]:.1f} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--against", type=Path, help="another checkout of this project, to compare its decoder with this one's")
+    parser.add_argument("--rounds", type=int, default=3, help="with --against: turns each checkout takes")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import_qwen_tts()
-    from qwen_tts.core import Qwen3TTSTokenizerV2Model
-
-    codec = Qwen3TTSTokenizerV2Model.from_pretrained(str(args.checkpoint / "speech_tokenizer"), torch_dtype=torch.float32)
-    plain_modules = copy.deepcopy(codec.decoder)
-    ours = StreamingCodecDecoder(codec.decoder)
-    codec_kernels.MIN_WEIGHTS = 2**62  # the second decoder keeps PyTorch's convolutions everywhere
-    plain = StreamingCodecDecoder(plain_modules)
-    codes = torch.randint(0, 2048, (80, 16), generator=torch.Generator().manual_seed(0))
-    lines = [
+    if args.worker:
+        print(json.dumps(measure_all(args.checkpoint)))
+        return 0
+    lines = compare_checkouts(args) if args.against else compare_kernels(args)
+    against = f"; two checkouts in turns, best of {args.rounds} turns each" if args.against else ""
+    header = [
         f"- machine: {machine()}; torch {torch.__version__}; codec of `{args.checkpoint.name}`, {args.threads} thread(s); "
-        "ms per frame, best of 3 calls",
+        f"ms per frame, best of 3 calls{against}",
         "",
-        "| frames per chunk | streams per call | PyTorch's convolutions | ours |",
-        "|---|---|---|---|",
     ]
-    with torch.inference_mode():
-        for frames, rows in CASES:
-            cells = [per_frame(decoder, frames, rows, codes) for decoder in (plain, ours)]
-            lines.append(f"| {frames} | {rows} | {cells[0]:.1f} | {cells[1]:.1f} |")
-            print(lines[-1], flush=True)
-    report = "\n".join(lines)
+    report = "\n".join(header + lines)
     print(report)
-    write_report(args.output, f"codec kernels and batches on {args.checkpoint.name}, CPU, {memory_allocator()} allocator", report)
+    title = f"codec kernels and batches on {args.checkpoint.name}, CPU, {memory_allocator()} allocator"
+    if args.against:
+        title = f"codec decoder, {checkout_name(args.against.resolve())} against {checkout_name(REPO)}, on {args.checkpoint.name}, CPU, {memory_allocator()} allocator"
+    write_report(args.output, title, report)
     return 0
 
 

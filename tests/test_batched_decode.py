@@ -13,11 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wyoming_qwen3tts.engine.codec_kernels import MatmulConv, MatmulTransposedConv, use_matmul_kernel
+from wyoming_qwen3tts.engine.codec_kernels import (
+    CodebookLookup,
+    MatmulConv,
+    MatmulTransposedConv,
+    Snake,
+    WideLinear,
+    use_matmul_kernel,
+)
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.decode_queue import URGENT_SECONDS, DecodeQueue
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 from wyoming_qwen3tts.speech import PresetSpeaker
 
 
@@ -148,34 +156,93 @@ def test_the_matmul_transposed_convolution_equals_pytorch_s(channels, out, kerne
         assert torch.allclose(MatmulTransposedConv(conv)(x), conv(x), atol=1e-5)
 
 
-def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voice_model, monkeypatch):
-    """The tiny codec's layers are too small for the kernels; force them onto every layer."""
+@pytest.mark.parametrize("large", [False, True], ids=["wide-layers", "every-layer-large"])
+def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voice_model, monkeypatch, large):
+    """The tiny codec's layers are too small for the kernels; force them onto every layer (and, for
+    "large", the transposed convolutions' weights into the kernels' layout, the package's own
+    decode reading them through a view)."""
     from wyoming_qwen3tts.engine import codec_kernels
 
     monkeypatch.setattr(codec_kernels, "MIN_WEIGHTS", 0)
+    if large:
+        monkeypatch.setattr(codec_kernels, "LARGE_WEIGHT_BYTES", 0)
     tokenizer = copy.deepcopy(custom_voice_model.model.speech_tokenizer)
     streaming = StreamingCodecDecoder(tokenizer.model.decoder)
-    kernels = [m.conv.forward for m in tokenizer.model.decoder.modules() if hasattr(m, "conv") and hasattr(m.conv, "weight")]
+    layers = [m for m in tokenizer.model.decoder.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear))]
+    kernels = [layer.forward for layer in layers]
     assert any(isinstance(k, MatmulConv) for k in kernels) and any(isinstance(k, MatmulTransposedConv) for k in kernels)
+    assert any(isinstance(k, WideLinear) for k in kernels)
     codes = random_codes(20, 7)
     reference, _rate = custom_voice_model.model.speech_tokenizer.decode([{"audio_codes": codes}])
     state = streaming.new_state()
     ours = torch.cat([streaming.decode(state, codes[a:b]) for a, b in ((0, 1), (1, 3), (3, 7), (7, 20))]).numpy()
     assert np.abs(ours - reference[0]).max() < 1e-4
+    again, _rate = tokenizer.decode([{"audio_codes": codes}])  # the package's own decode, through our layers
+    assert np.abs(again[0] - reference[0]).max() < 1e-4
+
+
+def test_a_large_transposed_convolution_keeps_one_copy_of_its_weights():
+    conv = torch.nn.ConvTranspose1d(1024, 1024, 8, stride=4)  # 32 MiB
+    original = conv.weight.detach().clone()
+    use_matmul_kernel(conv)
+    kernel = conv.forward
+    assert isinstance(kernel, MatmulTransposedConv) and kernel.large
+    assert conv.weight.untyped_storage().data_ptr() == kernel.rows.untyped_storage().data_ptr()
+    assert torch.equal(conv.weight, original)
 
 
 def test_kernels_are_used_only_where_they_apply():
     depthwise = torch.nn.Conv1d(512, 512, 7, groups=512)
     strided = torch.nn.Conv1d(512, 512, 7, stride=2)
+    narrow = torch.nn.Conv1d(128, 128, 7)
     wide = torch.nn.Conv1d(512, 512, 7)
-    for conv in (depthwise, strided, wide):
+    for conv in (depthwise, strided, narrow, wide):
         use_matmul_kernel(conv)
     assert not isinstance(depthwise.forward, MatmulConv)
     assert not isinstance(strided.forward, MatmulConv)
+    assert not isinstance(narrow.forward, MatmulConv)
     assert isinstance(wide.forward, MatmulConv)
-    x = torch.randn(1, 512, 200)  # a long input on a mid-size layer: PyTorch's own path
     with torch.inference_mode():
-        assert torch.equal(wide(x), F.conv1d(x, wide.weight, wide.bias))
+        long = torch.randn(1, 512, 200)  # more positions than a third of the channels: PyTorch's own path
+        assert torch.equal(wide(long), F.conv1d(long, wide.weight, wide.bias))
+        short = torch.randn(1, 512, 40)  # the matrix product
+        assert not torch.equal(wide(short), F.conv1d(short, wide.weight, wide.bias))
+        assert torch.allclose(wide(short), F.conv1d(short, wide.weight, wide.bias), atol=1e-5)
+
+
+def test_a_wide_linear_layer_equals_pytorch_s():
+    linear = torch.nn.Linear(1024, 1024)
+    use_matmul_kernel(linear)
+    assert isinstance(linear.forward, WideLinear)
+    x = torch.randn(1, 12, 1024)
+    with torch.inference_mode():
+        assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
+
+
+def test_snake_gives_the_package_s_values_bit_for_bit():
+    import_qwen_tts()
+    from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import SnakeBeta
+
+    snake = SnakeBeta(64)
+    with torch.no_grad():
+        snake.alpha.normal_(0, 0.5)
+        snake.beta.normal_(0, 0.5)
+    x = torch.randn(2, 64, 300)
+    with torch.inference_mode():
+        assert torch.equal(Snake(snake)(x), snake(x))
+
+
+def test_a_codebook_lookup_gives_the_package_s_vectors_bit_for_bit():
+    import_qwen_tts()
+    from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import EuclideanCodebook
+
+    codebook = EuclideanCodebook(dim=16, codebook_size=64)
+    with torch.no_grad():
+        codebook.embedding_sum.normal_()
+        codebook.cluster_usage.uniform_(0, 3)  # some below epsilon: the clamp
+    codes = torch.randint(0, 64, (2, 30))
+    with torch.inference_mode():
+        assert torch.equal(CodebookLookup(codebook)(codes), codebook.decode(codes))
 
 
 def test_two_threads_never_run_one_job_s_items_at_once_and_keep_their_order():

@@ -9,21 +9,24 @@ chunk by chunk if each layer keeps what it needs from the previous chunk:
   the outputs that belong to them;
 * the transformer keeps its (sliding-window) KV cache.
 
-This is done with hooks around the package's own convolution modules, which do nothing unless a
-stream is being decoded; the decoder's top-level forward (ten lines) is followed here step by
-step, so that each utterance's transformer runs over its own cache. Concatenated chunks equal
-the decode of all frames at once (up to float rounding), so chunk boundaries cannot click.
+This is done around the package's own convolution modules (a causal convolution's forward, a
+transposed convolution's hooks), which do as the package does unless a stream is being decoded;
+the decoder's top-level forward (ten lines) is followed here step by step, so that each
+utterance's transformer runs over its own cache. Concatenated chunks equal the decode of all
+frames at once (up to float rounding), so chunk boundaries cannot click.
 
 Chunks of several utterances with the same number of frames decode together, as one batch: the
 convolutions see every row's kept samples stacked (a row's first chunk gets zeros, exactly what
 an unpadded first call computes), and a large model's widest weights are read once for all.
 For short inputs PyTorch's CPU convolutions take slow paths; the widest of the codec's
-convolutions run as plain matrix products instead (`codec_kernels.py`).
+convolutions run as plain matrix products instead, and a few more of the package's layers run
+faster ways to the same numbers (`codec_kernels.py`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import time
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .codec_kernels import use_matmul_kernel
+from .codec_kernels import CodebookLookup, Snake, use_matmul_kernel
 from .timings import StageTimings
 
 if TYPE_CHECKING:
@@ -62,8 +65,11 @@ class StreamingCodecDecoder:
 
     def __init__(self, decoder: "Qwen3TTSTokenizerV2Decoder") -> None:
         from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
+            EuclideanCodebook,
             Qwen3TTSTokenizerV2CausalConvNet,
             Qwen3TTSTokenizerV2CausalTransConvNet,
+            Qwen3TTSTokenizerV2ConvNeXtBlock,
+            SnakeBeta,
         )
 
         self.decoder = decoder
@@ -75,13 +81,19 @@ class StreamingCodecDecoder:
             if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
                 if module.stride != 1:
                     raise ValueError("streaming decode supports stride-1 causal convolutions only")
-                module.register_forward_pre_hook(self._conv_before)
-                module.register_forward_hook(self._conv_after)
+                module.forward = functools.partial(self._causal_conv, module, module.forward)
                 use_matmul_kernel(module.conv)
             elif isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
                 module.register_forward_pre_hook(self._transconv_before)
                 module.register_forward_hook(self._transconv_after)
                 use_matmul_kernel(module.conv)
+            elif isinstance(module, Qwen3TTSTokenizerV2ConvNeXtBlock):
+                use_matmul_kernel(module.pwconv1)
+                use_matmul_kernel(module.pwconv2)
+            elif isinstance(module, EuclideanCodebook):
+                module.decode = CodebookLookup(module)
+            elif isinstance(module, SnakeBeta):
+                module.forward = Snake(module)
 
     @property
     def device(self) -> torch.device:
@@ -178,23 +190,19 @@ class StreamingCodecDecoder:
         for i, state in enumerate(self._rows):
             state.tails[id(module)] = tail[i : i + 1]
 
-    # Causal convolution: prepend the previous chunk's tail (zeros at first), drop the outputs made for it.
+    # Causal convolution: the package's forward pads zeros on the left; a stream gets the previous
+    # chunk's tail there instead (zeros at first), so no output is made only to be dropped.
 
-    def _conv_before(self, module, args):
+    def _causal_conv(self, module, package_forward, x: torch.Tensor) -> torch.Tensor:
         if self._rows is None:
-            return None
-        (x,) = args
-        tail = self._stacked_tails(module, x, module.padding)
-        if tail is None:
-            tail = x.new_zeros(x.shape[0], x.shape[1], module.padding)
-        extended = torch.cat((tail, x), dim=-1)
-        self._keep(module, extended, module.padding)
-        return (extended,)
-
-    def _conv_after(self, module, args, output):
-        if self._rows is None:
-            return None
-        return output[..., module.padding :]
+            return package_forward(x)
+        if module.padding:
+            tail = self._stacked_tails(module, x, module.padding)
+            if tail is None:
+                tail = x.new_zeros(x.shape[0], x.shape[1], module.padding)
+            x = torch.cat((tail, x), dim=-1)
+            self._keep(module, x, module.padding)
+        return module.conv(x).contiguous()
 
     # Transposed convolution: prepend the inputs whose outputs overlap this chunk's.
 
