@@ -219,6 +219,25 @@ def test_a_wide_linear_layer_equals_pytorch_s():
         assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
 
 
+def test_products_fall_back_to_pytorch_s_where_onednn_s_linear_is_wrong(monkeypatch):
+    from types import SimpleNamespace
+
+    from wyoming_qwen3tts.engine import codec_kernels, quantized_linear
+
+    def wrong(x, weight, bias, *args):
+        return torch.zeros(*x.shape[:-1], weight.shape[0])
+
+    quantized_linear.onednn_linear.cache_clear()
+    monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace(_linear_pointwise=wrong))
+    try:
+        assert not quantized_linear.onednn_linear()
+        x, rows = torch.randn(1, 5, 64), torch.randn(32, 64)
+        assert torch.equal(codec_kernels.product(x, rows), F.linear(x, rows))
+    finally:
+        monkeypatch.undo()
+        quantized_linear.onednn_linear.cache_clear()
+
+
 def test_snake_gives_the_package_s_values_bit_for_bit():
     import_qwen_tts()
     from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import SnakeBeta

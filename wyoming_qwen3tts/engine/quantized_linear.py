@@ -262,12 +262,15 @@ def quantized_bytes(module: torch.nn.Module) -> int:
 
 @functools.cache
 def onednn_linear() -> bool:
-    """Whether this PyTorch has oneDNN's linear for CPU tensors."""
+    """Whether this PyTorch has oneDNN's linear for CPU tensors, and its products are right (that a
+    kernel runs is not enough: see `kernel_fault`)."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 3, 64, generator=generator), torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
     try:
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 1, 4), torch.zeros(3, 4), None, "none", [], "")
+        product = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
-    return True
+    return torch.allclose(product, F.linear(x, weight, bias), atol=1e-4)
 
 
 class FloatLinear:
