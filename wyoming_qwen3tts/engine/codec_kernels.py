@@ -1,4 +1,5 @@
-"""Faster ways to run the codec decoder's layers on a CPU, each giving the package's numbers.
+"""Faster ways to run the codec decoder's layers on a CPU, for the package's results (bit for bit,
+or up to float rounding where a matrix product stands in for a convolution).
 
 * Wide convolutions over short inputs as plain matrix products. A streamed chunk is a few frames
   long, and for inputs that short PyTorch's CPU convolution takes a naive path, or oneDNN, which
