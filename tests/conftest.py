@@ -39,6 +39,14 @@ def custom_voice_model(checkpoints, cpu_placement):
 
 
 @pytest.fixture(scope="session")
+def unhooked_speech_tokenizer(checkpoints, cpu_placement):
+    """The tiny CustomVoice speech tokenizer, loaded again, to be deep-copied by tests that want a
+    private codec: streaming decoders wrap `custom_voice_model`'s layers (any test may do so first),
+    and a module with those wrappers cannot be deep-copied."""
+    return load_model(checkpoints["custom_voice"], cpu_placement).model.speech_tokenizer
+
+
+@pytest.fixture(scope="session")
 def base_model(checkpoints, cpu_placement):
     """The official wrapper around the tiny Base checkpoint."""
     return load_model(checkpoints["base"], cpu_placement)

@@ -34,9 +34,9 @@ def random_codes(frames: int, seed: int) -> torch.Tensor:
 
 
 @pytest.fixture
-def decoder(custom_voice_model):
+def decoder(unhooked_speech_tokenizer):
     """A private copy of the tiny codec decoder with our streaming hooks."""
-    return StreamingCodecDecoder(copy.deepcopy(custom_voice_model.model.speech_tokenizer.model.decoder))
+    return StreamingCodecDecoder(copy.deepcopy(unhooked_speech_tokenizer.model.decoder))
 
 
 def test_a_batch_decodes_each_stream_as_it_decodes_alone(decoder):
@@ -157,7 +157,7 @@ def test_the_matmul_transposed_convolution_equals_pytorch_s(channels, out, kerne
 
 
 @pytest.mark.parametrize("large", [False, True], ids=["wide-layers", "every-layer-large"])
-def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voice_model, monkeypatch, large):
+def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voice_model, unhooked_speech_tokenizer, monkeypatch, large):
     """The tiny codec's layers are too small for the kernels; force them onto every layer (and, for
     "large", the transposed convolutions' weights into the kernels' layout, the package's own
     decode reading them through a view)."""
@@ -166,7 +166,7 @@ def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voi
     monkeypatch.setattr(codec_kernels, "MIN_WEIGHTS", 0)
     if large:
         monkeypatch.setattr(codec_kernels, "LARGE_WEIGHT_BYTES", 0)
-    tokenizer = copy.deepcopy(custom_voice_model.model.speech_tokenizer)
+    tokenizer = copy.deepcopy(unhooked_speech_tokenizer)
     streaming = StreamingCodecDecoder(tokenizer.model.decoder)
     layers = [m for m in tokenizer.model.decoder.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear))]
     kernels = [layer.forward for layer in layers]
