@@ -159,8 +159,8 @@ def test_the_matmul_transposed_convolution_equals_pytorch_s(channels, out, kerne
 @pytest.mark.parametrize("large", [False, True], ids=["wide-layers", "every-layer-large"])
 def test_a_codec_with_matmul_kernels_streams_what_the_package_decodes(custom_voice_model, unhooked_speech_tokenizer, monkeypatch, large):
     """The tiny codec's layers are too small for the kernels; force them onto every layer (and, for
-    "large", the transposed convolutions' weights into the kernels' layout, the package's own
-    decode reading them through a view)."""
+    "large", every transposed convolution's weights into the kernel's layout, the module keeping
+    only a view of them)."""
     from wyoming_qwen3tts.engine import codec_kernels
 
     monkeypatch.setattr(codec_kernels, "MIN_WEIGHTS", 0)
