@@ -8,8 +8,8 @@ decoder; best of three calls, each continuing a stream 24 frames in, and for the
 stream's very first frame (what first audio waits for). Writes a section of BENCHMARKS.md, named
 after the memory allocator (run it with and without `LD_PRELOAD=libtcmalloc_minimal.so.4`).
 
-Without `--against`, one process compares PyTorch's own convolutions with the matrix-product
-kernels of `engine/codec_kernels.py`. With `--against DIR` (another checkout of this project,
+Without `--against`, one process compares PyTorch's own convolutions and linear layers with the
+matrix-product kernels of `engine/codec_kernels.py`. With `--against DIR` (another checkout of this project,
 e.g. `git worktree add /tmp/before HEAD~1`), it compares that checkout's decoder with this one's:
 each runs in a process of its own, in turns, `--rounds` times, and the best of each is kept.
 """
@@ -116,10 +116,10 @@ def compare_kernels(args) -> list[str]:
     codec = load_codec(args.checkpoint)
     plain_modules = copy.deepcopy(codec.decoder)
     ours = StreamingCodecDecoder(codec.decoder)
-    codec_kernels.MIN_WEIGHTS = 2**62  # the second decoder keeps PyTorch's convolutions everywhere
+    codec_kernels.MIN_WEIGHTS = 2**62  # the second decoder keeps PyTorch's convolutions and linear layers everywhere
     plain = StreamingCodecDecoder(plain_modules)
     codes = torch.randint(0, 2048, (80, 16), generator=torch.Generator().manual_seed(0))
-    lines = ["| frames per chunk | streams per call | PyTorch's convolutions | ours |", "|---|---|---|---|"]
+    lines = ["| frames per chunk | streams per call | PyTorch's convolutions and linear layers | ours |", "|---|---|---|---|"]
     with torch.inference_mode():
         for frames, rows in CASES:
             cells = [per_frame(decoder, frames, rows, codes) for decoder in (plain, ours)]
