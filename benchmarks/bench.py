@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
 import threading
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--label", default=None, help="name of this run in BENCHMARKS.md")
     args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # script/device-check: where a step at its limit was
 
     load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize)
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
@@ -266,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             engine.worker.max_batch = max_batch
             # Rounds of every concurrency in turn, not all repeats of one after another: this
             # machine's speed drifts, and a ratio of two numbers measured minutes apart drifts with it.
-            rounds = [{count: streams_at_once(port, count, args.clients) for count in counts} for _ in range(args.repeats)]
+            rounds = []
+            for _ in range(args.repeats):
+                rounds.append({})
+                for count in counts:
+                    burst = rounds[-1][count] = streams_at_once(port, count, args.clients)
+                    # Now, not only in the table at the end: a run stopped at a time limit still says what it got.
+                    print(f"{count} streams (at most {max_batch} per step): {burst.aggregate_frames_per_second:.1f} frames/s", flush=True)
             for count in counts:
                 burst = max((round_[count] for round_ in rounds), key=lambda b: b.aggregate_frames_per_second)
                 rows.append((where, max_batch, count, burst, round_ratios(rounds, count)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -219,6 +220,66 @@ async def test_a_request_that_arrives_mid_way_joins_the_running_batch(engine):
     assert sum(c.frames for c in received) == 40 and sum(c.frames for c in later) == 40
     assert torch.equal(codes.of(first), await alone_codes(engine, STREAM_TEXTS[2], "aiden"))
     assert torch.equal(codes.of(second), await alone_codes(engine, STREAM_TEXTS[1], "vivian"))
+
+
+class RoundRecorder:
+    """The model thread's prefills and steps, in order, with ``extra`` seconds added to each."""
+
+    def __init__(self, engine, monkeypatch, prefill_extra: float = 0.0, step_extra: float = 0.0) -> None:
+        self.events: list[str] = []
+        frames = engine.runtimes["custom_voice"].frames
+        prefill, step = frames.prefill, frames.step
+
+        def slow_prefill(*args, **kwargs):
+            time.sleep(prefill_extra)
+            self.events.append("prefill")
+            return prefill(*args, **kwargs)
+
+        def slow_step(states):
+            time.sleep(step_extra)
+            self.events.append("step")
+            return step(states)
+
+        monkeypatch.setattr(frames, "prefill", slow_prefill)
+        monkeypatch.setattr(frames, "step", slow_step)
+        # Each case times its own prefills and steps from scratch.
+        engine.worker._step_seconds = engine.worker._prefill_seconds = None
+
+    def steps_between_prefills(self, first: int) -> int:
+        """Steps between the ``first``-th prefill and the last one."""
+        positions = [i for i, event in enumerate(self.events) if event == "prefill"]
+        return self.events[positions[first] : positions[-1]].count("step")
+
+
+async def _arrive_together_while_one_streams(engine, count: int) -> list:
+    """One request streams; once its first chunk is out, ``count`` more arrive at once. Ends all."""
+    running = start(engine, STREAM_TEXTS[0], SPEAKERS[0])
+    stream = running.__aiter__()
+    await stream.__anext__()
+    with engine.worker.condition:  # the model thread's next round sees all of them, or none
+        newcomers = [start(engine, STREAM_TEXTS[1 + i % 3], SPEAKERS[1 + i % 3]) for i in range(count)]
+    firsts = await asyncio.gather(*(job.__aiter__().__anext__() for job in newcomers))
+    for job in [running, *newcomers]:
+        job.cancel()
+    return firsts
+
+
+async def test_requests_that_arrive_together_start_together_where_a_prefill_costs_a_fraction_of_a_step(engine, monkeypatch):
+    """As on a GPU, where a step is bound by launching its operators: the newcomers' prefills fit
+    in one step's time, so they are prefilled in one round and share their first step."""
+    rounds = RoundRecorder(engine, monkeypatch, step_extra=0.1)
+    firsts = await _arrive_together_while_one_streams(engine, 3)
+    assert len(firsts) == 3
+    assert rounds.events.count("prefill") == 4
+    assert rounds.steps_between_prefills(first=1) == 0, f"the newcomers should start in one round: {rounds.events}"
+
+
+async def test_where_a_prefill_costs_more_than_a_step_a_round_prefills_one_request(engine, monkeypatch):
+    """As on a CPU with the real model: the running stream waits for at most one prefill per step."""
+    rounds = RoundRecorder(engine, monkeypatch, prefill_extra=0.1)
+    await _arrive_together_while_one_streams(engine, 3)
+    assert rounds.events.count("prefill") == 4
+    assert rounds.steps_between_prefills(first=1) == 2, f"one prefill per round: {rounds.events}"
 
 
 async def test_a_row_cancelled_mid_batch_leaves_and_the_others_finish_undisturbed(engine):

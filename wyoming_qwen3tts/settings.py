@@ -206,7 +206,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     switch(
         "--compile",
-        "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes a minute at start-up, falls back to uncompiled on failure",
+        "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes minutes at the first start (cached for later ones), falls back to uncompiled on failure",
     )
     option(
         "--max-batch",

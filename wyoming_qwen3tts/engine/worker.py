@@ -3,8 +3,11 @@
 Each round of the model thread:
 
 1. takes the text that arrived for streaming (dual-track) utterances into their prompts;
-2. prefills at most one new utterance (the one whose listener has waited longest), so a new
-   request joins the next step without holding up the streams already running;
+2. prefills the new utterances whose listeners have waited longest, as many as take no longer
+   than one step (at least one): a new request joins the next step, and the streams already
+   running wait for a round's prefills no longer than for a step of their own. Where a prefill
+   costs a fraction of a step (a GPU, whose steps are bound by launching operators, or a small
+   model), requests that arrive together start together instead of one per round;
 3. makes one frame for each of up to `max_batch` utterances of one model in one batched step:
    the rows whose listeners run out of audio first (earliest deadline, where a job's deadline is
    its arrival time plus the seconds of audio it has received). Reading the weights once for
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -50,7 +54,7 @@ class _Round:
 
     task: tuple[Callable[[], object], Future] | None = None
     text_news: list[SynthesisJob] = field(default_factory=list)
-    prefill: SynthesisJob | None = None
+    prefills: list[SynthesisJob] = field(default_factory=list)
 
 
 class EngineWorker:
@@ -83,6 +87,10 @@ class EngineWorker:
         self.frame_listeners: list[Callable[[int, CodeChunk], None]] = []
         # Called on the model thread with the job ids of every batched step: for tests and monitoring.
         self.step_listeners: list[Callable[[list[int]], None]] = []
+        # Moving averages of the model thread's batched steps and prefills (seconds): how many
+        # prefills a round can take (`_prefills_per_round`). None until one has been timed.
+        self._step_seconds: float | None = None
+        self._prefill_seconds: float | None = None
         self._thread = Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -162,17 +170,24 @@ class EngineWorker:
                 for job in self._jobs:
                     job._settle()
                 self._jobs = [job for job in self._jobs if not job.done]
-                starting = [job for job in self._jobs if job.needs_prefill]
+                starting = sorted((job for job in self._jobs if job.needs_prefill), key=lambda j: (j.deadline, j.id))
                 round_ = _Round(
                     text_news=[job for job in self._jobs if job.has_text_news],
-                    prefill=min(starting, key=lambda j: (j.deadline, j.id)) if starting else None,
+                    prefills=starting[: self._prefills_per_round()],
                 )
-                if round_.text_news or round_.prefill or any(job.steppable for job in self._jobs):
+                if round_.text_news or round_.prefills or any(job.steppable for job in self._jobs):
                     self._decoder.spares_open = False
                     return round_
                 # Nothing for the model to do: the spare decode threads may have its cores.
                 self._decoder.spares_open = True
                 self.condition.wait()
+
+    def _prefills_per_round(self) -> int:
+        """How many waiting requests the next round prefills: as many as fit in one step's time
+        (by the moving averages), at least one, at most `max_batch`; one until both are timed."""
+        if self._step_seconds is None or not self._prefill_seconds:
+            return 1
+        return max(1, min(self.max_batch, int(self._step_seconds / self._prefill_seconds)))
 
     def _next_batch(self) -> list[SynthesisJob]:
         """The rows of the next step: earliest deadlines first, all of one model, at most max_batch."""
@@ -207,7 +222,9 @@ class EngineWorker:
         `_decode_here`)."""
         runtime = batch[0].runtime
         try:
+            started = time.perf_counter()
             chunks = runtime.step([job.current for job in batch])
+            self._step_seconds = _moving_average(self._step_seconds, time.perf_counter() - started)
         except Exception as err:  # noqa: BLE001
             if len(batch) == 1:
                 _LOGGER.exception("Synthesis job %s failed", batch[0].id)
@@ -250,6 +267,12 @@ class EngineWorker:
         decoded = {id(chunk) for chunk in here}
         return [chunk for chunk in chunks if id(chunk) not in decoded]
 
+    def _prefill(self, job: SynthesisJob) -> None:
+        started = time.perf_counter()
+        self._guarded(job, job._prefill)
+        if job.current is not None and job.current.state is not None:  # not a prompt still waiting for text
+            self._prefill_seconds = _moving_average(self._prefill_seconds, time.perf_counter() - started)
+
     @contextmanager
     def _cores_while_codec_idle(self) -> Iterator[None]:
         """The model thread on ``idle_codec_threads`` threads if nothing is being decoded.
@@ -281,8 +304,14 @@ class EngineWorker:
             with self._cores_while_codec_idle():
                 for job in round_.text_news:
                     self._guarded(job, job._take_text)
-                if round_.prefill is not None:
-                    self._guarded(round_.prefill, round_.prefill._prefill)
+                for job in round_.prefills:
+                    self._prefill(job)
                 batch = self._next_batch()
                 if batch:
                     self._step(batch)
+
+
+def _moving_average(average: float | None, value: float, weight: float = 0.3) -> float:
+    """``value`` folded into ``average``: recent rounds count most, one odd round (a clone's
+    reference audio, a page fault) does not decide alone."""
+    return value if average is None else average + weight * (value - average)

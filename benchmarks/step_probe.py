@@ -1,0 +1,144 @@
+"""The model alone, without the server: one batched frame step by rows, and the codec's decode.
+
+    python benchmarks/step_probe.py --checkpoint CKPT [--device cuda] [--rows 1,4,8,16] [--compile]
+
+For each row count: the wall time of one frame step of that many streams (talker, code
+predictor, the whole step), the frames per second the model alone could give them, and one codec
+call decoding a chunk of every row (1 frame, then 12). Beside `bench.py`, which measures the
+same streams through the Wyoming server, it says whether a batch's shortfall is the model's or
+the serving's (scheduling, prefills, decoding, the interpreter lock). With ``--compile`` it
+first compiles the code predictor as the server does and prints how long that took. Each
+line is printed as soon as it is measured, so a run stopped at a time limit still says what it
+got; SIGUSR1 prints every thread's stack (`script/device-check` sends it at a step's limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import signal
+import sys
+import time
+from pathlib import Path
+
+import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
+import torch
+from bench import machine
+from report import publish
+from wyoming_clients import TEXT
+
+from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
+from wyoming_qwen3tts.engine.prompt import build_prompt
+from wyoming_qwen3tts.engine.runtime import ModelRuntime
+from wyoming_qwen3tts.speech import PresetSpeaker
+
+CHUNKS = (1, 12)  # a stream's first chunk, and a later one
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_rows(runtime: ModelRuntime, rows: int, steps: int) -> dict[str, float]:
+    """Milliseconds of one step of ``rows`` streams (each a few frames in, at its own length),
+    by stage, and of one codec call per chunk length."""
+    wrapper, frames = runtime.wrapper, runtime.frames
+    speakers = list(wrapper.model.config.talker_config.spk_id)
+    words = TEXT.split()
+    states = [
+        frames.prefill(
+            build_prompt(wrapper, " ".join(words[: 6 + i]), PresetSpeaker(speakers[i % len(speakers)]), "english"),
+            runtime.sampling,
+            10_000,
+        )
+        for i in range(rows)
+    ]
+    device = wrapper.device
+    for _ in range(3):
+        frames.step(states)
+    frames.timings.reset()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        frames.step(states)
+    synchronize(device)
+    result = {"step": (time.perf_counter() - started) / steps * 1000}
+    for stage in ("talker", "predictor"):
+        # Host time per step (on a GPU: the time to launch the stage's work, which bounds it there).
+        result[stage] = frames.timings.seconds[stage] / steps * 1000
+    decoder = runtime.decoder
+    codes = torch.zeros(max(CHUNKS), 16, dtype=torch.long, device=device)
+    for length in CHUNKS:
+        decoder_states = [decoder.new_state() for _ in range(rows)]
+        decoder.decode_batch(decoder_states, [codes[:length]] * rows)  # warm-up, and a history to continue
+        best = float("inf")
+        for _ in range(3):
+            synchronize(device)
+            started = time.perf_counter()
+            decoder.decode_batch(decoder_states, [codes[:length]] * rows)
+            synchronize(device)
+            best = min(best, time.perf_counter() - started)
+        result[f"codec {length}"] = best * 1000
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="CustomVoice checkpoint folder")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", default="none", help="weights: none, int8, int4 (auto: the server's default)")
+    parser.add_argument("--rows", default="1,4,8,16")
+    parser.add_argument("--steps", type=int, default=20, help="steps timed per row count")
+    parser.add_argument("--compile", action="store_true", help="compile the code predictor first, as --compile does")
+    parser.add_argument("--batch-attention", choices=("rows", "padded"), default=None, help="default: the engine's for the device")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    parser.add_argument("--label", default="one batched step, the model alone")
+    args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    placement = resolve_placement(LoadOptions(device=args.device, quantize=args.quantize, compile=args.compile))
+    wrapper = load_model(Path(args.checkpoint), placement)
+    padded = placement.device.type == "cuda" if args.batch_attention is None else args.batch_attention == "padded"
+    runtime = ModelRuntime.create(wrapper, compile=args.compile, padded_attention=padded)
+    lines = [
+        f"- machine: {machine()}; torch {torch.__version__}; device {wrapper.device}, weights {placement.quantize}, "
+        f"{torch.get_num_threads()} threads; checkpoint `{Path(args.checkpoint).name}`; batch attention "
+        f"{'padded' if padded else 'per row'}; code predictor {'compiled' if args.compile else 'uncompiled'}",
+    ]
+    if args.compile:
+        started = time.monotonic()
+        runtime.warm_up(batches=True)
+        compiled = runtime.frames.predictor.compile
+        lines.append(
+            f"- compiling the code predictor (single rows and batches): {time.monotonic() - started:.1f} s"
+            + ("" if compiled else " (it failed: the steps below ran uncompiled)")
+        )
+        print(lines[-1], flush=True)
+    lines += [
+        "- step: wall time of one frame step of every row; talker and predictor: the host's time in each (on a GPU "
+        "the time to launch their work); codec N: one call decoding an N-frame chunk of every row",
+        "",
+        "| rows | step (ms) | talker (ms) | predictor (ms) | model alone: frames/s | vs one row | codec 1 (ms) | codec 12 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    single = None
+    with torch.inference_mode():
+        for rows in [int(r) for r in args.rows.split(",")]:
+            m = measure_rows(runtime, rows, args.steps)
+            rate = rows / m["step"] * 1000
+            single = single or rate
+            lines.append(
+                f"| {rows} | {m['step']:.1f} | {m['talker']:.1f} | {m['predictor']:.1f} | {rate:.1f} | {rate / single:.2f}x | "
+                f"{m['codec 1']:.1f} | {m['codec 12']:.1f} |"
+            )
+            print(lines[-1], flush=True)
+    if args.compile:
+        predictor = runtime.frames.predictor
+        lines.append(f"- frames from the compiled loop: {predictor.compiled_frames} of {runtime.frames.frames_generated}")
+    publish(Path(args.output), args.label, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
