@@ -4,9 +4,10 @@
 
 For each row count: the wall time of one frame step of that many streams (talker, code
 predictor, the whole step), the frames per second the model alone could give them, one
-request's prefill, and one codec call decoding a chunk of every row (1 frame, then 12). Beside `bench.py`, which measures the
-same streams through the Wyoming server, it says whether a batch's shortfall is the model's or
-the serving's (scheduling, prefills, decoding, the interpreter lock). With ``--compile`` it
+request's prefill, and one codec call decoding a chunk of every row (1 frame, then 12). Beside
+`bench.py`, which measures the same streams through the Wyoming server, it says whether a
+batch's shortfall is the model's or the serving's (scheduling, prefills, decoding, the
+interpreter lock). With ``--compile`` it
 first compiles the code predictor as the server does and prints how long that took. Each
 line is printed as soon as it is measured, so a run stopped at a time limit still says what it
 got; SIGUSR1 prints every thread's stack (`script/device-check` sends it at a step's limit).

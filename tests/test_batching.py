@@ -267,16 +267,16 @@ async def _arrive_together_while_one_streams(engine, count: int) -> list:
 async def test_requests_that_arrive_together_start_together_where_a_prefill_costs_a_fraction_of_a_step(engine, monkeypatch):
     """As on a GPU, where a step is bound by launching its operators: the newcomers' prefills fit
     in one step's time, so they are prefilled in one round and share their first step."""
-    rounds = RoundRecorder(engine, monkeypatch, step_extra=0.1)
+    rounds = RoundRecorder(engine, monkeypatch, step_extra=0.25)
     firsts = await _arrive_together_while_one_streams(engine, 3)
-    assert len(firsts) == 3
+    assert all(chunk.frames > 0 for chunk in firsts), "every newcomer got audio"
     assert rounds.events.count("prefill") == 4
     assert rounds.steps_between_prefills(first=1) == 0, f"the newcomers should start in one round: {rounds.events}"
 
 
 async def test_where_a_prefill_costs_more_than_a_step_a_round_prefills_one_request(engine, monkeypatch):
     """As on a CPU with the real model: the running stream waits for at most one prefill per step."""
-    rounds = RoundRecorder(engine, monkeypatch, prefill_extra=0.1)
+    rounds = RoundRecorder(engine, monkeypatch, prefill_extra=0.25)
     await _arrive_together_while_one_streams(engine, 3)
     assert rounds.events.count("prefill") == 4
     assert rounds.steps_between_prefills(first=1) == 2, f"one prefill per round: {rounds.events}"
