@@ -50,8 +50,10 @@ class StaticKVCache(_SharedHistory):
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         shape = (layers, 1, kv_heads, max(capacity, 1), head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: only positions written are ever read. Zeroing a real-size talker's cache
+        # (127 MB for a sentence) took 12 ms of every prefill, and touched pages never used.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
 
     @property
@@ -62,7 +64,7 @@ class StaticKVCache(_SharedHistory):
         capacity = max(needed, 2 * self.capacity)
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[:3] + (capacity,) + old.shape[4:])
+            new = old.new_empty(old.shape[:3] + (capacity,) + old.shape[4:])
             new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
 

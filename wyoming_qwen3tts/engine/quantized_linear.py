@@ -107,8 +107,11 @@ class Int8Weights:
         rows = x.reshape(-1, x.shape[-1])
         if rows.dtype != torch.float32:
             rows = rows.float()
-        # Dividing by the largest magnitude gives exactly +-1 at most: no clamp needed.
-        magnitude = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+        # Dividing by the largest magnitude gives exactly +-1 at most: no clamp needed. abs() then
+        # amax() rather than the infinity norm: the same values, and on an AVX2 CPU (one thread) 1.4x
+        # faster for one row and 7-10x for a prompt's 42, where the norm's reduction took a fifth
+        # of an int8 prefill.
+        magnitude = rows.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
         spread = rows / magnitude
         if torch.compiler.is_compiling():
             out = torch.ops.wyoming_qwen3tts.int8_product(spread, self.handle)
