@@ -68,7 +68,7 @@ class Int8Weights:
     depends on the rows beside it: a batch of streams gives what each stream gives alone.
     Symmetric, not min-to-max: the activations that reach these layers (after a norm, SiLU
     times a projection, attention) are centred on zero, where both grids are equally fine, and
-    a row costs four operations instead of a dozen. At one row per call, as in a step of the
+    a row costs five small operations instead of a dozen. At one row per call, as in a step of the
     code predictor, those operations were a third of each call (a 4096x1024 layer on an Intel
     Xeon VM, one thread: 454 us, of which the kernel 306; 372 us now).
     Engines that cannot take the grid from us (qnnpack) get one anchor row of -1 and +1 beside
