@@ -142,8 +142,8 @@ def compare_kernels(args) -> list[str]:
             lines.append(f"| {' | '.join(case_name(frames, rows))} | {cells[0]:.1f} | {cells[1]:.1f} | {macs / cells[1] / 1e6:.1f} |")
             print(lines[-1], flush=True)
     lines.append(
-        f"- a frame of a 12-frame chunk takes {macs / 1e9:.2f} G multiply-adds (PyTorch's flop counter, "
-        "12 frames 24 frames into a stream); GMAC/s: those over ours' time per frame, which says how near the core's "
+        f"- a frame of a 12-frame chunk takes {macs / 1e9:.2f} G multiply-adds (PyTorch's flop counter "
+        "over a 12-frame chunk, 24 frames into a stream); GMAC/s: those over ours' time per frame, which says how near the core's "
         "float32 peak the codec runs (an AVX2 core with two FMA units: 16 multiply-adds per cycle)"
     )
     return lines
