@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from bench import machine
 from report import write_report
 
-from wyoming_qwen3tts.engine.quantized_linear import Int4Weights, Int8Weights
+from wyoming_qwen3tts.engine.quantized_linear import INT4_GROUP, Int4Weights, Int8Weights
 
 IN, OUT = 1024, 3072
 ROWS = (1, 2, 4, 8, 40)
@@ -35,6 +35,14 @@ def timed(fn, calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - started) / calls * 1e6
+
+
+def dynamic_int4_path() -> str:
+    """Which implementation PyTorch's dynamic 4-bit product has in this build."""
+    kleidiai = getattr(torch.backends, "kleidiai", None)
+    if kleidiai is not None and kleidiai.is_available():
+        return "KleidiAI"
+    return "PyTorch's reference path: no KleidiAI in this build"
 
 
 def candidates(weight: torch.Tensor):
@@ -56,6 +64,24 @@ def candidates(weight: torch.Tensor):
         codes = torch.round(weight / scales[:, None]).to(torch.int8)
         return lambda x: torch._weight_int8pack_mm(x.bfloat16(), codes, scales.bfloat16())
 
+    def dynamic_int4():
+        # Symmetric 4-bit groups of 32, stored as code + 8 two to a byte, low nibble first; the
+        # activations are quantized to int8 per row inside the kernel (KleidiAI's on aarch64).
+        groups = weight.reshape(OUT, IN // INT4_GROUP, INT4_GROUP)
+        scales = (groups.abs().amax(-1) / 7).clamp(min=1e-12)
+        codes = (torch.round(groups / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(OUT, IN)
+        nibbles = (codes[:, 1::2] << 4 | codes[:, 0::2]).contiguous()
+        errors = []
+        for scale_type in (torch.float32, torch.bfloat16):  # which one a build takes for groups differs
+            try:
+                packed = torch.ops.aten._dyn_quant_pack_4bit_weight(nibbles, scales.to(scale_type), None, INT4_GROUP, IN, OUT)
+                torch.ops.aten._dyn_quant_matmul_4bit(torch.zeros(1, IN), packed, INT4_GROUP, IN, OUT)
+            except RuntimeError as err:
+                errors.append(err)
+                continue
+            return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed, INT4_GROUP, IN, OUT)
+        raise errors[-1]
+
     def onednn():
         torch.ops.mkldnn._linear_pointwise(torch.zeros(2, IN), weight, None, "none", [], "")
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -67,6 +93,8 @@ def candidates(weight: torch.Tensor):
         ("fbgemm int8, a grid per row (ours: int8)", lambda: Int8Weights(weight, None)),
         ("torch _weight_int8pack_mm, bfloat16 activations", int8pack),
         ("torch _weight_int4pack_mm_for_cpu, groups of 32 (ours: int4)", lambda: Int4Weights(weight, None)),
+        ("torch _weight_int4pack_mm_for_cpu, groups of 128", lambda: Int4Weights(weight, None, group=128)),
+        (f"torch _dyn_quant_matmul_4bit, int8 activations, groups of {INT4_GROUP} ({dynamic_int4_path()})", dynamic_int4),
         ("torchao Int8WeightOnlyConfig", torchao("Int8WeightOnlyConfig")),
         ("torchao Int8DynamicActivationInt8WeightConfig", torchao("Int8DynamicActivationInt8WeightConfig")),
     ]

@@ -161,12 +161,13 @@ class Int4Weights:
     def kernel(cls) -> str:
         return f"torch _weight_int4pack_mm_for_cpu (weight-only, groups of {INT4_GROUP})"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP) -> None:
         weight = weight.detach().to(torch.float32)
         out_features, in_features = weight.shape
-        if in_features % INT4_GROUP:
-            raise ValueError(f"{in_features} inputs are not a multiple of the int4 group ({INT4_GROUP})")
-        groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        if in_features % group:
+            raise ValueError(f"{in_features} inputs are not a multiple of the int4 group ({group})")
+        self.group = group
+        groups = weight.reshape(out_features, in_features // group, group)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scales = ((high - low) / 15).clamp(min=1e-12)
         codes = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
@@ -181,14 +182,14 @@ class Int4Weights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros).to(x.dtype)
+        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
-        return self.out_features * self.in_features // 2 + 4 * self.out_features * (self.in_features // INT4_GROUP)
+        return self.out_features * self.in_features // 2 + 4 * self.out_features * (self.in_features // self.group)
 
 
 KERNELS = {"int8": Int8Weights, "int4": Int4Weights}
