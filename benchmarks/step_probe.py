@@ -1,6 +1,7 @@
 """The model alone, without the server: one batched frame step by rows, and the codec's decode.
 
     python benchmarks/step_probe.py --checkpoint CKPT [--device cuda] [--rows 1,4,8,16] [--compile]
+                                    [--threads 1,2,4,8] [--codec-chunks 1,12]
 
 For each row count: the wall time of one frame step of that many streams (talker, code
 predictor, the whole step), the frames per second the model alone could give them, one
@@ -11,6 +12,8 @@ interpreter lock). With ``--compile`` it
 first compiles the code predictor as the server does and prints how long that took. Each
 line is printed as soon as it is measured, so a run stopped at a time limit still says what it
 got; SIGUSR1 prints every thread's stack (`script/device-check` sends it at a step's limit).
+On a CPU, ``--threads`` repeats every row count at each number of PyTorch threads: how a step of
+one stream (many small products) and a codec call scale with cores on this machine.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.runtime import ModelRuntime
 from wyoming_qwen3tts.speech import PresetSpeaker
 
-CHUNKS = (1, 12)  # a stream's first chunk, and a later one
+CHUNKS = "1,12"  # a stream's first chunk, and a later one
 
 
 def synchronize(device: torch.device) -> None:
@@ -41,7 +44,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_rows(runtime: ModelRuntime, rows: int, steps: int) -> dict[str, float]:
+def measure_rows(runtime: ModelRuntime, rows: int, steps: int, chunks: tuple[int, ...] = (1, 12)) -> dict[str, float]:
     """Milliseconds of one step of ``rows`` streams (each a few frames in, at its own length),
     by stage, and of one codec call per chunk length."""
     wrapper, frames = runtime.wrapper, runtime.frames
@@ -74,8 +77,8 @@ def measure_rows(runtime: ModelRuntime, rows: int, steps: int) -> dict[str, floa
         # Host time per step (on a GPU: the time to launch the stage's work, which bounds it there).
         result[stage] = frames.timings.seconds[stage] / steps * 1000
     decoder = runtime.decoder
-    codes = torch.zeros(max(CHUNKS), 16, dtype=torch.long, device=device)
-    for length in CHUNKS:
+    codes = torch.zeros(max(chunks, default=0), 16, dtype=torch.long, device=device)
+    for length in chunks:
         decoder_states = [decoder.new_state() for _ in range(rows)]
         decoder.decode_batch(decoder_states, [codes[:length]] * rows)  # warm-up, and a history to continue
         best = float("inf")
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,4,8,16")
     parser.add_argument("--steps", type=int, default=20, help="steps timed per row count")
     parser.add_argument("--compile", action="store_true", help="compile the code predictor first, as --compile does")
+    parser.add_argument("--threads", default=None, help="PyTorch CPU threads to measure in turn, e.g. 1,2,4 (default: the server's for the model)")
+    parser.add_argument("--codec-chunks", default=CHUNKS, help="chunk lengths (frames) to time the codec with; 'none' for none")
     parser.add_argument("--batch-attention", choices=("rows", "padded"), default=None, help="default: the engine's for the device")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--label", default="one batched step, the model alone")
@@ -107,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     wrapper = load_model(Path(args.checkpoint), placement)
     padded = placement.device.type == "cuda" if args.batch_attention is None else args.batch_attention == "padded"
     runtime = ModelRuntime.create(wrapper, compile=args.compile, padded_attention=padded)
+    chunks = () if args.codec_chunks == "none" else tuple(int(c) for c in args.codec_chunks.split(","))
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [placement.threads]
     lines = [
         f"- machine: {machine()}; torch {torch.__version__}; device {wrapper.device}, weights {placement.quantize}, "
-        f"{torch.get_num_threads()} threads; checkpoint `{Path(args.checkpoint).name}`; batch attention "
+        f"{'/'.join(map(str, thread_counts))} threads; checkpoint `{Path(args.checkpoint).name}`; batch attention "
         f"{'padded' if padded else 'per row'}; code predictor {'compiled' if args.compile else 'uncompiled'}",
     ]
     if args.compile:
@@ -126,21 +133,24 @@ def main(argv: list[str] | None = None) -> int:
         "the time to launch their work); prefill: one request's prompt, the mean of the rows' (a round prefills as "
         "many waiting requests as fit in a step's time); codec N: one call decoding an N-frame chunk of every row",
         "",
-        "| rows | step (ms) | talker (ms) | predictor (ms) | model alone: frames/s | vs one row | prefill (ms) | codec 1 (ms) | codec 12 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| threads | rows | step (ms) | talker (ms) | predictor (ms) | model alone: frames/s | vs one row | prefill (ms) | "
+        + "".join(f"codec {length} (ms) | " for length in chunks).rstrip(),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(chunks),
     ]
-    single = None
     with torch.inference_mode():
-        measure_rows(runtime, 1, 1)  # first calls allocate and load kernels: not in the first row's figures
-        for rows in [int(r) for r in args.rows.split(",")]:
-            m = measure_rows(runtime, rows, args.steps)
-            rate = rows / m["step"] * 1000
-            single = single or rate
-            lines.append(
-                f"| {rows} | {m['step']:.1f} | {m['talker']:.1f} | {m['predictor']:.1f} | {rate:.1f} | {rate / single:.2f}x | "
-                f"{m['prefill']:.1f} | {m['codec 1']:.1f} | {m['codec 12']:.1f} |"
-            )
-            print(lines[-1], flush=True)
+        measure_rows(runtime, 1, 1, chunks)  # first calls allocate and load kernels: not in the first row's figures
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            single = None
+            for rows in [int(r) for r in args.rows.split(",")]:
+                m = measure_rows(runtime, rows, args.steps, chunks)
+                rate = rows / m["step"] * 1000
+                single = single or rate
+                lines.append(
+                    f"| {threads} | {rows} | {m['step']:.1f} | {m['talker']:.1f} | {m['predictor']:.1f} | {rate:.1f} | "
+                    f"{rate / single:.2f}x | {m['prefill']:.1f} | " + "".join(f"{m[f'codec {length}']:.1f} | " for length in chunks).rstrip()
+                )
+                print(lines[-1], flush=True)
     if args.compile:
         predictor = runtime.frames.predictor
         lines.append(f"- frames from the compiled loop: {predictor.compiled_frames} of {runtime.frames.frames_generated}")
