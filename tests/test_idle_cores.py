@@ -187,3 +187,40 @@ def test_importing_the_package_keeps_openmp_to_one_thread_unless_told_otherwise(
     assert default.stdout.split() == ["1", "1"]
     told = subprocess.run([sys.executable, "-c", script], env={**environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, check=True)
     assert told.stdout.split() == ["2", "2"]
+
+
+def test_decode_threads_run_on_the_cores_the_model_leaves_and_the_model_keeps_its_own():
+    """PyTorch's thread count is per process until a thread sets its own: decode threads that took
+    it would each run a team as large as the model's (on 4 cores 3 + 3 threads)."""
+    from concurrent.futures import Future
+
+    from wyoming_qwen3tts.engine.worker import EngineWorker
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        worker = EngineWorker(decode_threads=2, codec_threads=1)
+        try:
+            model = worker.submit(torch.get_num_threads).result(10)
+            # Two jobs' work at once, so that both decode threads run one.
+            together = threading.Barrier(2, timeout=10)
+            decoded = [Future(), Future()]
+
+            def decode(done: Future) -> None:
+                together.wait()
+                done.set_result(torch.get_num_threads())
+
+            for done in decoded:
+                worker.after_decoding(types.SimpleNamespace(deadline=0.0), lambda done=done: decode(done))
+            decode_threads = [done.result(15) for done in decoded]
+            later: list[int] = []  # a thread started afterwards takes the process's count: the model's
+            thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+            thread.start()
+            thread.join()
+        finally:
+            worker.stop()
+    finally:
+        torch.set_num_threads(before)
+    assert model == 2
+    assert decode_threads == [1, 1]
+    assert later == [2]

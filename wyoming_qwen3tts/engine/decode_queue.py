@@ -10,8 +10,9 @@ codec, same number of frames) come along, up to the batch size and a total of fr
 decodes them all. On a CPU a call pays up to about 24 frames (`CPU_DECODE_FRAMES` says why).
 
 With more than one thread, different jobs' chunks decode at the same time (one job's never). The
-threads after the first are spare. A CPU's cores are shared out as the model's threads plus one
-for the codec, and a second decode beside a busy model thread takes the model's core: while the
+threads after the first are spare. A CPU's cores are shared out as the model's threads plus the
+rest (at least one) for each decode thread, and a second decode beside a busy model thread takes
+the model's core: while the
 model bounds the streams, that slows every one of them (a tiny 8-row step: 32-40 ms with two
 decodes at once, 23 ms with one, timed in `bench.py`). So a spare thread takes work only while
 `spares_open` (the engine opens it while its model thread has nothing to do), or when the earliest
@@ -55,7 +56,9 @@ class DecodeQueue:
         max_batch: int = 1,
         max_size: int | None = None,
         threads: int = 1,
+        on_thread_start: Callable[[], None] | None = None,
     ) -> None:
+        """``on_thread_start``: run first on each thread; the queue is returned once every thread has run it."""
         self.max_batch = max_batch
         self.max_size = max_size  # most total size of one batch (None: no limit)
         self._run_batch = run_batch
@@ -65,11 +68,14 @@ class DecodeQueue:
         self._closed = False
         self._running: set[int] = set()  # owners with an item in progress
         self._spares_open = True
+        started = threading.Barrier(threads + 1)
         self._threads = [
-            threading.Thread(target=self._run, args=(i > 0,), name=f"{name}-{i}", daemon=True) for i in range(threads)
+            threading.Thread(target=self._start, args=(i > 0, on_thread_start, started), name=f"{name}-{i}", daemon=True)
+            for i in range(threads)
         ]
         for thread in self._threads:
             thread.start()
+        started.wait()
 
     def submit(self, deadline: float, owner: object, work: object, group: Hashable | None = None, size: int = 1) -> None:
         """Queue ``work`` (a callable when ``group`` is None); raises RuntimeError once shut down."""
@@ -145,6 +151,16 @@ class DecodeQueue:
         if self._spares_open:
             return 0.0
         return max(0.0, self._heap[0][0] - URGENT_SECONDS - time.monotonic())
+
+    def _start(self, spare: bool, on_thread_start: Callable[[], None] | None, started: threading.Barrier) -> None:
+        try:
+            if on_thread_start is not None:
+                on_thread_start()
+        except Exception:  # noqa: BLE001 - a thread that runs on other settings still decodes
+            _LOGGER.exception("Setting up a decode thread failed")
+        finally:
+            started.wait()
+        self._run(spare)
 
     def _run(self, spare: bool) -> None:
         while True:

@@ -25,6 +25,7 @@ job takes effect before its next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -66,13 +67,16 @@ class EngineWorker:
         decode_frames: int | None = None,
         decode_threads: int = 1,
         idle_codec_threads: int | None = None,
+        codec_threads: int | None = None,
         name: str = "qwen3tts-engine",
     ) -> None:
         """``decode_frames``: most frames of one codec call (None: no limit beyond max_batch chunks);
         ``decode_threads``: threads that decode different streams' chunks at the same time (all but the
         first only while this thread has nothing to do, or for a listener about to run out of audio);
         ``idle_codec_threads``: PyTorch CPU threads of a round that starts while nothing is being
-        decoded (None: the model thread's own)."""
+        decoded (None: the model thread's own); ``codec_threads``: PyTorch CPU threads of each
+        decoding thread (None: the model thread's own). The model thread runs on as many threads
+        as the thread that creates the worker."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._max_batch = max_batch
@@ -81,7 +85,16 @@ class EngineWorker:
         self._jobs: list[SynthesisJob] = []
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._stopping = False
-        self._decoder = DecodeQueue(f"{name}-decode", decode_chunks, max_batch, decode_frames, decode_threads)
+        self._model_threads = torch.get_num_threads()
+        self._codec_threads = codec_threads
+        self._decoder = DecodeQueue(
+            f"{name}-decode",
+            decode_chunks,
+            max_batch,
+            decode_frames,
+            decode_threads,
+            on_thread_start=None if codec_threads is None else functools.partial(use_threads, codec_threads),
+        )
         # Called on the model thread with (job id, frames) each time a chunk's frames exist:
         # for tests and diagnostics that need the codes behind the audio.
         self.frame_listeners: list[Callable[[int, CodeChunk], None]] = []
@@ -297,6 +310,9 @@ class EngineWorker:
             torch.set_num_threads(threads)
 
     def _run(self) -> None:
+        if self._codec_threads is not None:
+            # The decode threads set the process-wide count to theirs; the model's is its own.
+            use_threads(self._model_threads)
         while (round_ := self._next_round()) is not None:
             if round_.task is not None:
                 self._run_task(*round_.task)
@@ -309,6 +325,19 @@ class EngineWorker:
                 batch = self._next_batch()
                 if batch:
                     self._step(batch)
+
+
+def use_threads(threads: int) -> None:
+    """Run this thread's PyTorch operations on ``threads`` CPU threads, whatever other threads set.
+
+    PyTorch keeps one thread count per process and a team size per thread: a thread takes the
+    process's count at its first parallel operation (`get_num_threads` makes that happen now), and
+    keeps it until it sets its own. So the decode threads each get a team that fits the cores the
+    model leaves, instead of a team as large as the model's: on 4 cores the model's 3 threads and
+    a codec's 3 would otherwise ask for 6.
+    """
+    torch.set_num_threads(threads)
+    torch.get_num_threads()
 
 
 def _moving_average(average: float | None, value: float, weight: float = 0.3) -> float:
