@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action="store_true", help="run our engine with --compile")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads for both paths (0 = all cores but one)")
+    parser.add_argument(
+        "--codec-threads", type=int, default=0, help="PyTorch CPU threads of each decoding thread (0 = the cores the model leaves)"
+    )
     parser.add_argument("--quantize", default="none", help="weights of both paths (none, int8, int4; see quantize_speed.py for the comparison)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
@@ -211,7 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # script/device-check: where a step at its limit was
 
-    load = LoadOptions(device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize)
+    load = LoadOptions(
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        threads=args.threads,
+        quantize=args.quantize,
+        codec_threads=args.codec_threads,
+    )
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     codecs = [c.strip() for c in args.codec_process.split(",") if c.strip()]
     if not codecs or any(c not in ("off", "on") for c in codecs):
@@ -334,7 +344,8 @@ def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_sha
         f"- machine: {machine()}",
         f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
         f"`{Path(args.checkpoint).name}`, our code predictor {predictor}, "
-        f"{torch.get_num_threads()} threads, batch attention {'padded' if padded else 'per row'}",
+        f"{torch.get_num_threads()} threads, codec threads {args.codec_threads or 'auto (the cores the model leaves)'}, "
+        f"batch attention {'padded' if padded else 'per row'}",
         f"- utterance: {args.frames} frames ({args.frames * FRAME_SECONDS:.1f} s of audio), end-of-speech code off, "
         f"the checkpoint's sampling settings; {sentence_tokens(args.checkpoint)}",
         "- Wyoming clients: " + (

@@ -184,6 +184,7 @@ def test_batch_attention_is_chosen_by_flag_or_environment_and_is_automatic_other
         (["--max-text-length", "0"], {}, "at least 1 character"),
         (["--uri", "http://x:1"], {}, "must start with tcp:// or unix://"),
         (["--threads", "-1"], {}, "threads must be 0 (automatic) or more"),
+        ([], {"QWEN3TTS_CODEC_THREADS": "-1"}, "codec_threads must be 0 (automatic) or more"),
         (["--max-batch", "-2"], {}, "max_batch must be 0 (automatic) or more"),
         ([], {"QWEN3TTS_BATCH_ATTENTION": "masked"}, "batch_attention must be one of auto, rows, padded"),
         (["--engine", "remote"], {}, "needs at least one --remote-url"),

@@ -126,6 +126,7 @@ def from_namespace(args: argparse.Namespace) -> Settings:
                 text_embedding_on_cpu=args.text_embedding_on_cpu,
                 compile=args.compile,
                 threads=args.threads,
+                codec_threads=args.codec_threads,
                 quantize=args.quantize,
             ),
             chunks=ChunkSchedule.starting_with(args.first_chunk_frames),
@@ -198,6 +199,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "keep the text embedding (311 M parameters at 0.6B) in CPU memory: frees about 0.6 GB of GPU memory per model",
     )
     option("--threads", load.threads, type=int, help="PyTorch CPU threads (0 = all cores but one)")
+    option(
+        "--codec-threads",
+        load.codec_threads,
+        type=int,
+        help="PyTorch CPU threads of each audio-decoding thread (0 = the cores the model leaves, at least one)",
+    )
     option(
         "--quantize",
         load.quantize,

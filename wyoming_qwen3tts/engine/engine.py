@@ -57,8 +57,7 @@ class SpeechEngine:
             decode_frames=CPU_DECODE_FRAMES if cpu else None,
             decode_threads=CPU_DECODE_THREADS if cpu else 1,
             idle_codec_threads=usable_cores() if cpu else None,
-            # The cores the model leaves (at least one): its own threads plus the codec's fill the CPU.
-            codec_threads=max(1, usable_cores() - torch.get_num_threads()) if cpu else None,
+            codec_threads=(options.load.codec_threads or max(1, usable_cores() - torch.get_num_threads())) if cpu else None,
         )
         try:
             for runtime in runtimes.values():

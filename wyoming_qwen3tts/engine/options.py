@@ -53,6 +53,9 @@ class LoadOptions:
     # core slows the event loop that streams the audio: all cores but one. A 16-bit model on CPU
     # is bound by arithmetic instead: all cores (both measured in BENCHMARKS.md).
     threads: int = 0
+    # PyTorch's CPU threads of each decoding thread; 0: automatic, the cores the model's threads
+    # leave (at least one), so that the model and the codec never ask for more threads than cores.
+    codec_threads: int = 0
     # Weights of the talker and the code predictor: "int8" or "int4" on a CPU read fewer bytes
     # per frame (a frame there is bound by reading weights); "auto": int8 on a CPU, none on a GPU.
     quantize: str = "auto"
@@ -62,6 +65,8 @@ class LoadOptions:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (automatic) or more, not {self.threads}")
+        if self.codec_threads < 0:
+            raise ValueError(f"codec_threads must be 0 (automatic) or more, not {self.codec_threads}")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}")
         if self.dtype not in DTYPES:

@@ -86,7 +86,7 @@ class EngineWorker:
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self._stopping = False
         self._model_threads = torch.get_num_threads()
-        self._codec_threads = codec_threads
+        self.codec_threads = codec_threads  # each decode thread's PyTorch threads (None: the model's)
         self._decoder = DecodeQueue(
             f"{name}-decode",
             decode_chunks,
@@ -310,7 +310,7 @@ class EngineWorker:
             torch.set_num_threads(threads)
 
     def _run(self) -> None:
-        if self._codec_threads is not None:
+        if self.codec_threads is not None:
             # The decode threads set the process-wide count to theirs; the model's is its own.
             use_threads(self._model_threads)
         while (round_ := self._next_round()) is not None:
