@@ -12,12 +12,12 @@ decodes them all. On a CPU a call pays up to about 24 frames (`CPU_DECODE_FRAMES
 With more than one thread, different jobs' chunks decode at the same time (one job's never). The
 threads after the first are spare. A CPU's cores are shared out as the model's threads plus the
 rest (at least one) for each decode thread, and a second decode beside a busy model thread takes
-the model's core: while the
-model bounds the streams, that slows every one of them (a tiny 8-row step: 32-40 ms with two
-decodes at once, 23 ms with one, timed in `bench.py`). So a spare thread takes work only while
-`spares_open` (the engine opens it while its model thread has nothing to do), or when the earliest
-waiting work's deadline is less than `URGENT_SECONDS` away: a listener about to run out of audio
-needs the codec more than the model needs its core, which is the case while the codec bounds.
+the model's core: while the model bounds the streams, that slows every one of them (a tiny 8-row
+step: 32-40 ms with two decodes at once, 23 ms with one, timed in `bench.py`). So a spare thread
+takes work only while `spares_open` (the engine opens it while its model thread has nothing to
+do), or when the earliest waiting work's deadline is less than `URGENT_SECONDS` away: a listener
+about to run out of audio needs the codec more than the model needs its core, which is the case
+while the codec bounds.
 """
 
 from __future__ import annotations
