@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from wyoming_qwen3tts.engine.loader import LoadOptions, ModelUnavailableError, resolve_checkpoint, resolve_placement
+from wyoming_qwen3tts.engine.loader import LoadOptions, ModelUnavailableError, codec_threads, resolve_checkpoint, resolve_placement
 
 HUB_ID = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
 # Nothing listens on the discard port: a download attempt fails at once, on loopback.
@@ -144,6 +144,14 @@ def test_automatic_threads_leave_one_core_for_the_server_unless_the_model_is_16_
     assert resolve_placement(LoadOptions(dtype="bfloat16")).threads == 4
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert resolve_placement(LoadOptions()).threads == 1
+
+
+def test_automatic_codec_threads_take_the_cores_the_model_leaves(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert codec_threads(LoadOptions(), model_threads=3) == 1
+    assert codec_threads(LoadOptions(), model_threads=2) == 2
+    assert codec_threads(LoadOptions(), model_threads=4) == 1, "at least one, beside a 16-bit model on every core"
+    assert codec_threads(LoadOptions(codec_threads=6), model_threads=3) == 6
 
 
 @pytest.mark.parametrize("field,value", [("device", "tpu"), ("dtype", "int4"), ("attention", "magic")])

@@ -16,8 +16,8 @@ from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, Reques
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
 from .codec_process import CodecProcess, CodecProcessError
 from .allocator import ADVICE, memory_allocator
-from .loader import load_model, parameter_bytes, resolve_checkpoint, resolve_placement, usable_cores
-from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions
+from .loader import codec_threads, load_model, parameter_bytes, resolve_checkpoint, resolve_placement, usable_cores
+from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions, LoadOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
 from .runtime import ModelRuntime
 from .text_feed import TextFeed
@@ -57,7 +57,7 @@ class SpeechEngine:
             decode_frames=CPU_DECODE_FRAMES if cpu else None,
             decode_threads=CPU_DECODE_THREADS if cpu else 1,
             idle_codec_threads=usable_cores() if cpu else None,
-            codec_threads=(options.load.codec_threads or max(1, usable_cores() - torch.get_num_threads())) if cpu else None,
+            codec_threads=codec_threads(options.load, torch.get_num_threads()) if cpu else None,
         )
         try:
             for runtime in runtimes.values():
@@ -88,7 +88,7 @@ class SpeechEngine:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compile_cache_dir))
         runtimes: dict[str, ModelRuntime] = {}
         # Started first: the child imports PyTorch and the package while the model loads here.
-        codec_process = cls._codec_process(placement) if options.codec_process else None
+        codec_process = cls._codec_process(placement, options.load) if options.codec_process else None
         try:
             cls._load_models(options, placement, runtimes, codec_process)
             return cls(runtimes, options)
@@ -99,10 +99,11 @@ class SpeechEngine:
             raise
 
     @staticmethod
-    def _codec_process(placement) -> CodecProcess:
+    def _codec_process(placement, load: LoadOptions) -> CodecProcess:
         cpu = placement.device.type == "cpu"
         # One pipe for each thread that decodes: the decode threads and the model thread (first chunks).
-        return CodecProcess(channels=(CPU_DECODE_THREADS if cpu else 1) + 1, threads=placement.threads)
+        threads = codec_threads(load, placement.threads) if cpu else placement.threads
+        return CodecProcess(channels=(CPU_DECODE_THREADS if cpu else 1) + 1, threads=threads)
 
     @staticmethod
     def _load_models(options: EngineOptions, placement, runtimes: dict, codec_process) -> None:
@@ -123,7 +124,7 @@ class SpeechEngine:
                     decoder, shares_codec = shared.decoder, True
                     _LOGGER.info("Both checkpoints have the same speech tokenizer: one copy serves both")
             if decoder is None and codec_process is not None:
-                process = codec_process if not runtimes else SpeechEngine._codec_process(placement)
+                process = codec_process if not runtimes else SpeechEngine._codec_process(placement, options.load)
                 try:
                     decoder = process.attach(wrapper.model.speech_tokenizer.model.decoder)
                 except CodecProcessError as err:

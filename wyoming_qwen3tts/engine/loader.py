@@ -79,6 +79,12 @@ def resolve_placement(options: LoadOptions) -> Placement:
     return Placement(device=device, dtype=dtype, attention=attention, threads=threads, quantize=resolve_mode(options.quantize, device))
 
 
+def codec_threads(options: LoadOptions, model_threads: int) -> int:
+    """PyTorch CPU threads of each decode on a CPU: as configured, else the cores the model's
+    ``model_threads`` leave (at least one), so that the two never ask for more threads than cores."""
+    return options.codec_threads or max(1, usable_cores() - model_threads)
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
