@@ -71,16 +71,10 @@ def candidates(weight: torch.Tensor):
         scales = (groups.abs().amax(-1) / 7).clamp(min=1e-12)
         codes = (torch.round(groups / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(OUT, IN)
         nibbles = (codes[:, 1::2] << 4 | codes[:, 0::2]).contiguous()
-        errors = []
-        for scale_type in (torch.float32, torch.bfloat16):  # which one a build takes for groups differs
-            try:
-                packed = torch.ops.aten._dyn_quant_pack_4bit_weight(nibbles, scales.to(scale_type), None, INT4_GROUP, IN, OUT)
-                torch.ops.aten._dyn_quant_matmul_4bit(torch.zeros(1, IN), packed, INT4_GROUP, IN, OUT)
-            except RuntimeError as err:
-                errors.append(err)
-                continue
-            return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed, INT4_GROUP, IN, OUT)
-        raise errors[-1]
+        # bfloat16 scales: with float32 ones PyTorch takes KleidiAI's kernels for whole rows only,
+        # and groups fall back to the reference path (its meta registration says so).
+        packed = torch.ops.aten._dyn_quant_pack_4bit_weight(nibbles, scales.bfloat16(), None, INT4_GROUP, IN, OUT)
+        return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed, INT4_GROUP, IN, OUT)
 
     def onednn():
         torch.ops.mkldnn._linear_pointwise(torch.zeros(2, IN), weight, None, "none", [], "")

@@ -44,7 +44,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_rows(runtime: ModelRuntime, rows: int, steps: int, chunks: tuple[int, ...] = (1, 12)) -> dict[str, float]:
+def measure_rows(runtime: ModelRuntime, rows: int, steps: int, chunks: tuple[int, ...]) -> dict[str, float]:
     """Milliseconds of one step of ``rows`` streams (each a few frames in, at its own length),
     by stage, and of one codec call per chunk length."""
     wrapper, frames = runtime.wrapper, runtime.frames
