@@ -23,6 +23,7 @@ from .layers import DecoderStack
 from .options import MIN_FRAMES
 from .predictor import CodePredictorLoop, PredictorSampling
 from .prompt import TalkerPrompt
+from .prompt_prefixes import DEFAULT_BUDGET_BYTES, PromptPrefixCache
 from .timings import StageTimings
 from .sampling import ExponentialNoise, SamplingOptions, apply_repetition_penalty, choose
 
@@ -71,10 +72,15 @@ class FrameGenerator:
     """Generates codec frames for one loaded model. Not thread-safe: one owner thread."""
 
     def __init__(
-        self, model: "Qwen3TTSForConditionalGeneration", compile: bool = False, padded_attention: bool = False
+        self,
+        model: "Qwen3TTSForConditionalGeneration",
+        compile: bool = False,
+        padded_attention: bool = False,
+        prefix_budget_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         """``padded_attention``: keep the rows' talker histories in one padded tensor and attend in
-        one masked call per layer (`kv_cache.PaddedRows`), rather than one call per row."""
+        one masked call per layer (`kv_cache.PaddedRows`), rather than one call per row.
+        ``prefix_budget_bytes``: memory for the histories of voices' prompt beginnings (0: none kept)."""
         self.model = model
         talker = model.talker
         self.talker = talker
@@ -88,6 +94,7 @@ class FrameGenerator:
         self.slots = KVSlots(*self._talker_dims, self.dtype, self.device) if padded_attention else None
         self.code_embeddings = (talker.get_input_embeddings(),) + tuple(talker.code_predictor.model.codec_embedding)
         self.predictor = CodePredictorLoop(talker.code_predictor, talker.get_input_embeddings(), self.groups, compile)
+        self.prefixes = PromptPrefixCache(prefix_budget_bytes)
 
         vocab = tcfg.vocab_size
         ids = torch.arange(vocab, device=self.device)
@@ -159,12 +166,31 @@ class FrameGenerator:
         )
         with torch.inference_mode():
             embeds = prompt.prefill.to(self.dtype)
-            positions = torch.arange(embeds.shape[1], device=self.device).unsqueeze(0)
-            cos, sin = self._talker_rope(positions)
-            hidden = self.stack.forward(embeds, cos, sin, state.talker_cache)[:, -1:]
+            cache = state.talker_cache
+            # The voice's beginning runs on its own, then the rest after it, whether or not its
+            # history was kept from an earlier prefill: the same arithmetic either way, so a
+            # request's codes never depend on what ran before it (one pass over all positions
+            # rounds differently, which int8 activations can turn into other codes). The last
+            # position is never part of it: its output chooses the first code.
+            shared = min(prompt.shared, embeds.shape[1] - 1)
+            if shared:
+                beginning = embeds[:, :shared]
+                known = self.prefixes.find(beginning)
+                if known is None:
+                    self._talker_pass(beginning, cache)
+                    self.prefixes.keep(beginning, *cache.history(shared))
+                else:
+                    cache.start_from(known.keys, known.values)
+            hidden = self._talker_pass(embeds[:, shared:], cache)[:, -1:]
             state.last_hidden = hidden
             self._choose_code0([state], self.talker.codec_head(hidden[:, -1]).float())
         return state
+
+    def _talker_pass(self, embeds: torch.Tensor, cache) -> torch.Tensor:
+        """The talker over ``embeds`` [1, n, D], continuing one utterance's history ``cache``."""
+        positions = torch.arange(cache.length, cache.length + embeds.shape[1], device=self.device).unsqueeze(0)
+        cos, sin = self._talker_rope(positions)
+        return self.stack.forward(embeds, cos, sin, cache)
 
     def step(self, states: Sequence[GenerationState]) -> list[torch.Tensor | None]:
         """The next frame of every state, as one batch: its 16 codes on the model's device.

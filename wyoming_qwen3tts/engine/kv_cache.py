@@ -23,10 +23,17 @@ import torch.nn.functional as F
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-    """What transformers' sdpa integration computes: causal only for several new positions."""
-    return F.scaled_dot_product_attention(
-        q, keys, values, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=True
-    )
+    """What transformers' sdpa integration computes: causal only for several new positions.
+
+    Several new positions after a history (a prompt continuing a cached beginning) see the whole
+    history and the new positions up to their own: the causal mask aligned to the last key, where
+    ``is_causal`` would align it to the first.
+    """
+    new, total = q.shape[2], keys.shape[2]
+    if 1 < new < total:
+        mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, keys, values, is_causal=new > 1, scale=scaling, enable_gqa=True)
 
 
 class _SharedHistory:
@@ -78,6 +85,19 @@ class StaticKVCache(_SharedHistory):
 
     def advance(self, steps: int) -> None:
         self.length += steps
+
+    def history(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of the first ``positions``: [layers, 1, kv_heads, n, head_dim]."""
+        return self.keys[:, :, :, :positions].clone(), self.values[:, :, :, :positions].clone()
+
+    def start_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Begin this (empty) history with ``keys`` and ``values`` as `history` gave them."""
+        positions = keys.shape[3]
+        if positions > self.capacity:
+            self._grow(positions)
+        self.keys[:, :, :, :positions] = keys
+        self.values[:, :, :, :positions] = values
+        self.length = positions
 
     def release(self) -> None:
         """Nothing to give back: the memory goes with the cache."""
@@ -213,6 +233,20 @@ class SlotKVCache(_SharedHistory):
 
     def advance(self, steps: int) -> None:
         self.length += steps
+
+    def history(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of the first ``positions``: [layers, 1, kv_heads, n, head_dim]."""
+        keys = self.pool.keys[:, self.slot : self.slot + 1, :, :positions]
+        values = self.pool.values[:, self.slot : self.slot + 1, :, :positions]
+        return keys.clone(), values.clone()
+
+    def start_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Begin this (empty) history with ``keys`` and ``values`` as `history` gave them."""
+        positions = keys.shape[3]
+        self.pool.reserve(positions)
+        self.pool.keys[:, self.slot : self.slot + 1, :, :positions] = keys
+        self.pool.values[:, self.slot : self.slot + 1, :, :positions] = values
+        self.length = positions
 
     def release(self) -> None:
         """Give the slot back now (the utterance is done with it)."""

@@ -61,6 +61,9 @@ class TalkerPrompt:
     text_track: TextTrack
     text_tokens: int  # tokens of the utterance's own text (so far, while it streams in)
     ref_codes: torch.Tensor | None  # in-context clone: codes that precede the generated frames
+    # Leading prefill positions that depend on the voice, language and instruction only, not on
+    # the text: the same for every utterance in that voice (`prompt_prefixes.py`).
+    shared: int = 0
 
 
 def _template(text: str) -> str:
@@ -184,20 +187,23 @@ def build_prompt(
         raise ValueError("Nothing to speak: the text has no tokens")
     head = _head(wrapper, voice, language, instruct)
     prefill = head.prefill
+    shared = prefill.shape[1]
 
     ref_codes = None
     if isinstance(voice, ClonePrompt) and not voice.x_vector_only:
         ref_codes = voice.ref_codes.to(prefill.device)
-        ref_id = wrapper._tokenize_texts([_ref_template(voice.ref_text or "")])[0]
+        ref_id = wrapper._tokenize_texts([_ref_template(voice.ref_text or "")])[0][:, 3:-2]
         icl_embed, trailing = wrapper.model.generate_icl_prompt(
             text_id=input_id[:, 3:-5],
-            ref_id=ref_id[:, 3:-2],
+            ref_id=ref_id,
             ref_code=ref_codes,
             tts_pad_embed=head.tts_pad,
             tts_eos_embed=head.tts_eos,
             non_streaming_mode=non_streaming_mode,
         )
         prefill = torch.cat([prefill, icl_embed], dim=1)
+        # The sample's transcript comes first in the clone's text, whichever text follows it.
+        shared += ref_id.shape[1]
     elif non_streaming_mode:
         body = input_id[:, 3:-5]
         pads = _codec_embed(wrapper, [tcfg.codec_pad_id] * (body.shape[1] + 1))
@@ -219,6 +225,7 @@ def build_prompt(
         text_track=TextTrack(head.tts_pad, trailing, complete=True),
         text_tokens=text_tokens,
         ref_codes=ref_codes,
+        shared=shared,
     )
 
 
@@ -247,6 +254,7 @@ class DualTrackPrompt:
                 text_track=TextTrack(self._head.tts_pad, complete=False),
                 text_tokens=1,
                 ref_codes=None,
+                shared=self._head.prefill.shape[1],
             )
             tensor = tensor[:, 1:]
         if tensor.shape[1]:

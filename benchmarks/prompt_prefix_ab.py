@@ -1,0 +1,133 @@
+"""First audio with a voice's prompt beginning kept, against computing it with the rest each time.
+
+    python benchmarks/prompt_prefix_ab.py --checkpoint CKPT [--quantize int8] [--rounds 8] [--frames 12]
+
+One server, requests in turns: "kept" is the server as it is (the beginning's history comes from
+the first request in the voice, `engine/prompt_prefixes.py`); "each time" hands the model the
+same prompts with no shared beginning, so the whole prompt runs in one pass, as the server did
+before it kept beginnings. The order within a round alternates, so a drift of this shared
+machine's speed falls on both. Per request: first audio from `synthesize` (the sentence up front)
+and from a streamed reply's `synthesize-chunk` (the text enters word by word: a prompt of the
+beginning and one word), and the model thread's prefill of each. Prints a table and writes a
+section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
+import torch
+from bench import ServerThread, _free_port, machine, sentence_tokens, silence_end_of_speech
+from report import publish
+from wyoming_clients import one_stream, one_streamed
+
+from wyoming_qwen3tts.engine.engine import SpeechEngine
+from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.server.app import WyomingOptions
+from wyoming_qwen3tts.settings import Settings
+
+MODES = ("kept", "each time")
+
+
+class PrefillRecorder:
+    """Wraps a runtime's prefill: drops the prompt's shared beginning in mode "each time", and
+    records the wall time of the first prefill of each request (`expect`)."""
+
+    def __init__(self, frames) -> None:
+        self.prefill = frames.prefill
+        self.mode, self.kind = MODES[0], None
+        self.seconds: dict[tuple[str, str], list[float]] = {}
+        frames.prefill = self
+
+    def expect(self, mode: str, kind: str) -> None:
+        self.mode, self.kind = mode, kind
+
+    def __call__(self, prompt, sampling, max_frames):
+        if self.mode == "each time":
+            prompt = dataclasses.replace(prompt, shared=0)
+        started = time.perf_counter()
+        state = self.prefill(prompt, sampling, max_frames)
+        if self.kind is not None:
+            self.seconds.setdefault((self.mode, self.kind), []).append(time.perf_counter() - started)
+            self.kind = None
+        return state
+
+
+def spread(values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--quantize", default="int8")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=12, help="frames per utterance (first audio needs few)")
+    parser.add_argument("--voice", default="Ryan")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--label", default=None)
+    args = parser.parse_args()
+
+    load = LoadOptions(device="cpu", quantize=args.quantize)
+    stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
+    engine = SpeechEngine.load(EngineOptions(model=args.checkpoint, load=load, stop=stop))
+    silence_end_of_speech(engine)
+    runtime = engine.runtimes["custom_voice"]
+    recorder = PrefillRecorder(runtime.frames)
+    port = _free_port()
+    server = ServerThread(engine, Settings(wyoming=WyomingOptions(uri=f"tcp://127.0.0.1:{port}")))
+    asyncio.run(one_stream(port, args.voice))  # warm-up: it also keeps the voice's beginning
+    asyncio.run(one_streamed(port, args.voice))
+    first_audio: dict[tuple[str, str], list[float]] = {}
+    try:
+        for round_ in range(args.rounds):
+            for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
+                recorder.expect(mode, "up front")
+                first = asyncio.run(one_stream(port, args.voice)).first_audio
+                first_audio.setdefault((mode, "up front"), []).append(first)
+                recorder.expect(mode, "streamed")
+                first_audio.setdefault((mode, "streamed"), []).append(asyncio.run(one_streamed(port, args.voice)))
+            print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+    finally:
+        server.stop()
+        prefixes = runtime.frames.prefixes
+        kept = (prefixes.hits, prefixes.misses, len(prefixes))
+        engine.close()
+
+    label = args.label or (
+        f"prompt beginnings kept, A/B: {Path(args.checkpoint).name}, {args.quantize}, CPU, {machine().split(',')[0]}"
+    )
+    lines = [
+        f"- machine: {machine()}; torch {torch.__version__}; checkpoint `{Path(args.checkpoint).name}`, "
+        f"weights {args.quantize}, the server's default threads; {args.rounds} rounds, the two modes in turns "
+        f"(order alternating), one server; the sentence is {sentence_tokens(args.checkpoint)}; voice {args.voice}",
+        "- kept: the server as it is; each time: the same prompts with no shared beginning (one pass over "
+        "the whole prompt, what the server did before); up front: `synthesize` with the sentence; streamed: "
+        "a `synthesize-chunk` reply, timed from the chunk; prefill: the model thread's prefill of that request "
+        "(the one that leads to first audio; a streamed reply's first prefill is the beginning and one word)",
+        f"- kept beginnings at the end: {kept[2]} ({kept[0]} found, {kept[1]} computed)",
+        "",
+        "| mode | first audio, up front (ms) | prefill, up front (ms) | first audio, streamed (ms) | prefill, streamed (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        lines.append(
+            f"| {mode} | {spread(first_audio[mode, 'up front'])} | {spread(recorder.seconds[mode, 'up front'])} "
+            f"| {spread(first_audio[mode, 'streamed'])} | {spread(recorder.seconds[mode, 'streamed'])} |"
+        )
+    lines.append("")
+    lines.append("- median (lowest-highest) of the rounds")
+    publish(args.output, label, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
