@@ -8,8 +8,11 @@ same prompts with no shared beginning, so the whole prompt runs in one pass, as 
 before it kept beginnings. The order within a round alternates, so a drift of this shared
 machine's speed falls on both. Per request: first audio from `synthesize` (the sentence up front)
 and from a streamed reply's `synthesize-chunk` (the text enters word by word: a prompt of the
-beginning and one word), and the model thread's prefill of each. Prints a table and writes a
-section of BENCHMARKS.md.
+beginning and one word), and the model thread's prefill of each. Then, without the server, the
+prefill of an in-context clone's sentence in the same turns (`--clone-seconds`: its sample's
+length; the prompt holds the sample's codes and transcript, whose content does not change the
+time, so random codes and a made-up transcript stand in). Prints a table and writes a section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -30,8 +34,10 @@ from wyoming_clients import one_stream, one_streamed
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.server.app import WyomingOptions
 from wyoming_qwen3tts.settings import Settings
+from wyoming_qwen3tts.speech import ClonePrompt
 
 MODES = ("kept", "each time")
 
@@ -60,6 +66,38 @@ class PrefillRecorder:
         return state
 
 
+TRANSCRIPT = "Hello, this is my voice, recorded in the kitchen on a quiet Sunday morning."
+CLONE_TEXTS = (
+    "The washing machine has finished, and the laundry is ready to hang up.",
+    "Remember to take the bins out tonight, tomorrow is collection day.",
+)
+
+
+def clone_prefills(runtime, prefill, seconds: float, rounds: int) -> tuple[dict[str, list[float]], tuple[int, int]]:
+    """Seconds of an in-context clone's prefills (by ``prefill``, the runtime's own), kept against
+    each time, in turns."""
+    wrapper = runtime.wrapper
+    generator = torch.Generator().manual_seed(0)
+    talker = wrapper.model.config.talker_config
+    voice = ClonePrompt(
+        speaker_embedding=torch.randn(talker.hidden_size, generator=generator) * 0.02,
+        ref_codes=torch.randint(0, 2048, (round(seconds * 12.5), talker.num_code_groups), generator=generator),
+        ref_text=TRANSCRIPT,
+    )
+    prompts = [build_prompt(wrapper, text, voice, "english", non_streaming_mode=False) for text in CLONE_TEXTS]
+    seconds_by_mode: dict[str, list[float]] = {}
+    prefill(prompts[0], runtime.sampling, 1)  # keeps the clone's beginning
+    for round_ in range(rounds):
+        for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
+            prompt = prompts[round_ % len(prompts)]
+            if mode == "each time":
+                prompt = dataclasses.replace(prompt, shared=0)
+            started = time.perf_counter()
+            prefill(prompt, runtime.sampling, 1)
+            seconds_by_mode.setdefault(mode, []).append(time.perf_counter() - started)
+    return seconds_by_mode, (prompts[0].prefill.shape[1], prompts[0].shared)
+
+
 def spread(values: list[float]) -> str:
     ms = [v * 1000 for v in values]
     return f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})"
@@ -72,6 +110,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--frames", type=int, default=12, help="frames per utterance (first audio needs few)")
     parser.add_argument("--voice", default="Ryan")
+    parser.add_argument("--clone-seconds", type=float, default=6.0, help="the clone sample's length (0: no clone)")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--label", default=None)
     args = parser.parse_args()
@@ -98,8 +137,15 @@ def main() -> int:
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
     finally:
         server.stop()
-        prefixes = runtime.frames.prefixes
-        kept = (prefixes.hits, prefixes.misses, len(prefixes))
+    prefixes = runtime.frames.prefixes
+    kept = (prefixes.hits, prefixes.misses, len(prefixes))
+    clone = None
+    try:
+        if args.clone_seconds > 0:
+            # On the model thread, which idles now that the server is stopped.
+            measure = functools.partial(clone_prefills, runtime, recorder.prefill, args.clone_seconds, args.rounds)
+            clone = engine.worker.submit(measure).result()
+    finally:
         engine.close()
 
     label = args.label or (
@@ -125,6 +171,13 @@ def main() -> int:
         )
     lines.append("")
     lines.append("- median (lowest-highest) of the rounds")
+    if clone is not None:
+        by_mode, (positions, shared) = clone
+        lines.append(
+            f"- an in-context clone (a {args.clone_seconds:g} s sample and its transcript, a sentence in the dual-track "
+            f"text mode the package uses for clones; {positions} positions, of which {shared} its beginning), its prefill "
+            f"alone on the model thread, the same turns: kept {spread(by_mode['kept'])} ms, each time {spread(by_mode['each time'])}"
+        )
     publish(args.output, label, lines)
     return 0
 
