@@ -16,6 +16,7 @@ memory budget the least recently used go.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ import torch
 # Real-size 0.6B in float32: 229 KB per position, so about 30 preset beginnings (9 positions) or
 # five in-context clones with 50-token transcripts.
 DEFAULT_BUDGET_BYTES = 64 * 2**20
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,13 @@ class PromptPrefixCache:
         self._entries.move_to_end(key)
         while self.nbytes > self.budget_bytes:
             self._entries.popitem(last=False)
+        _LOGGER.debug(
+            "Kept a voice's prompt beginning (%d positions, %.1f MiB); %d kept, %.1f MiB",
+            entry.positions,
+            entry.nbytes / 2**20,
+            len(self._entries),
+            self.nbytes / 2**20,
+        )
 
     def clear(self) -> None:
         self._entries.clear()
