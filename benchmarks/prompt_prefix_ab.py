@@ -9,10 +9,10 @@ before it kept beginnings. The order within a round alternates, so a drift of th
 machine's speed falls on both. Per request: first audio from `synthesize` (the sentence up front)
 and from a streamed reply's `synthesize-chunk` (the text enters word by word: a prompt of the
 beginning and one word), and the model thread's prefill of each. Then, without the server, the
-prefill of an in-context clone's sentence in the same turns (`--clone-seconds`: its sample's
-length; the prompt holds the sample's codes and transcript, whose content does not change the
-time, so random codes and a made-up transcript stand in). Prints a table and writes a section of
-BENCHMARKS.md.
+prefills alone of the sentence and of an in-context clone's sentence (`--clone-seconds`: its
+sample's length; random codes and a made-up transcript stand in, as their content does not change
+the time), kept, each time, and first in the voice (nothing kept yet). Prints a table and writes a
+section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -31,16 +31,17 @@ import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before 
 import torch
 from bench import ServerThread, _free_port, machine, sentence_tokens, silence_end_of_speech
 from report import publish
-from wyoming_clients import one_stream, one_streamed
+from wyoming_clients import TEXT, one_stream, one_streamed
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.server.app import WyomingOptions
 from wyoming_qwen3tts.settings import Settings
-from wyoming_qwen3tts.speech import ClonePrompt
+from wyoming_qwen3tts.speech import ClonePrompt, PresetSpeaker
 
 MODES = ("kept", "each time")
+FIRST = "first in its voice"
 
 
 class PrefillRecorder:
@@ -74,35 +75,43 @@ CLONE_TEXTS = (
 )
 
 
-def clone_prefills(runtime, prefill, seconds: float, rounds: int) -> tuple[dict[str, list[float]], tuple[int, int]]:
-    """Seconds of an in-context clone's prefills (by ``prefill``, the runtime's own), kept against
-    each time, in turns."""
-    wrapper = runtime.wrapper
+def clone_voice(runtime, seconds: float) -> ClonePrompt:
+    """An in-context clone with a ``seconds`` sample: random codes and speaker embedding (the
+    content does not change a prefill's time)."""
     generator = torch.Generator().manual_seed(0)
-    talker = wrapper.model.config.talker_config
-    voice = ClonePrompt(
+    talker = runtime.wrapper.model.config.talker_config
+    return ClonePrompt(
         speaker_embedding=torch.randn(talker.hidden_size, generator=generator) * 0.02,
         ref_codes=torch.randint(0, 2048, (round(seconds * 12.5), talker.num_code_groups), generator=generator),
         ref_text=TRANSCRIPT,
     )
-    prompts = [build_prompt(wrapper, text, voice, "english", non_streaming_mode=False) for text in CLONE_TEXTS]
+
+
+def direct_prefills(runtime, prefill, prompts, rounds: int) -> dict[str, list[float]]:
+    """Seconds of prefills of ``prompts`` (one voice, taken in turn) by ``prefill`` (the runtime's
+    own), in the three modes in turns: kept, each time, and first in its voice (nothing kept: the
+    beginning's pass of its own, then the rest). On every core, as an idle server's prefill runs
+    (`EngineWorker._cores_while_codec_idle`)."""
+    prefixes = runtime.frames.prefixes
+    modes = (*MODES, FIRST)
     seconds_by_mode: dict[str, list[float]] = {}
-    # On every core, as an idle server's prefill runs (`EngineWorker._cores_while_codec_idle`).
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        prefill(prompts[0], runtime.sampling, 1)  # keeps the clone's beginning
+        prefill(prompts[0], runtime.sampling, 1)  # keeps the voice's beginning
         for round_ in range(rounds):
-            for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
+            for mode in modes if round_ % 2 == 0 else modes[::-1]:
                 prompt = prompts[round_ % len(prompts)]
                 if mode == "each time":
                     prompt = dataclasses.replace(prompt, shared=0)
+                elif mode == FIRST:
+                    prefixes.clear()  # the pass keeps it again, for "kept"
                 started = time.perf_counter()
                 prefill(prompt, runtime.sampling, 1)
                 seconds_by_mode.setdefault(mode, []).append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
-    return seconds_by_mode, (prompts[0].prefill.shape[1], prompts[0].shared)
+    return seconds_by_mode
 
 
 def spread(values: list[float]) -> str:
@@ -146,12 +155,18 @@ def main() -> int:
         server.stop()
     prefixes = runtime.frames.prefixes
     kept = (prefixes.hits, prefixes.misses, len(prefixes))
-    clone = None
+    direct = []
     try:
+        # On the model thread, which idles now that the server is stopped.
+        sentence = build_prompt(runtime.wrapper, TEXT, PresetSpeaker(args.voice.lower()), "english")
+        cases = [(f"a preset speaker's sentence ({args.voice})", [sentence])]
         if args.clone_seconds > 0:
-            # On the model thread, which idles now that the server is stopped.
-            measure = functools.partial(clone_prefills, runtime, recorder.prefill, args.clone_seconds, args.rounds)
-            clone = engine.worker.submit(measure).result()
+            voice = clone_voice(runtime, args.clone_seconds)
+            clone = [build_prompt(runtime.wrapper, text, voice, "english", non_streaming_mode=False) for text in CLONE_TEXTS]
+            cases.append((f"an in-context clone's sentence (a {args.clone_seconds:g} s sample and its transcript)", clone))
+        for name, prompts in cases:
+            measure = functools.partial(direct_prefills, runtime, recorder.prefill, prompts, args.rounds)
+            direct.append((name, prompts[0], engine.worker.submit(measure).result()))
     finally:
         engine.close()
 
@@ -178,12 +193,19 @@ def main() -> int:
         )
     lines.append("")
     lines.append("- median (lowest-highest) of the rounds")
-    if clone is not None:
-        by_mode, (positions, shared) = clone
+    lines += [
+        "",
+        f"Prefills alone, without the server, on the model thread on {os.cpu_count()} threads (as on an idle server), "
+        f"{args.rounds} rounds, the three modes in turns; first in its voice: nothing kept yet, so the beginning runs as a "
+        "pass of its own, then the rest (what the first request in a voice costs); ms, median (lowest-highest):",
+        "",
+        "| prompt | positions | of them the beginning | kept | each time | first in its voice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, prompt, by_mode in direct:
         lines.append(
-            f"- an in-context clone (a {args.clone_seconds:g} s sample and its transcript, a sentence in the dual-track "
-            f"text mode the package uses for clones; {positions} positions, of which {shared} its beginning), its prefill "
-            f"alone on the model thread on {os.cpu_count()} threads (as on an idle server), the same turns: kept {spread(by_mode['kept'])} ms, each time {spread(by_mode['each time'])}"
+            f"| {name} | {prompt.prefill.shape[1]} | {prompt.shared} | {spread(by_mode['kept'])} "
+            f"| {spread(by_mode['each time'])} | {spread(by_mode[FIRST])} |"
         )
     publish(args.output, label, lines)
     return 0
