@@ -5,8 +5,9 @@ and language tags and the speaker (or a clone's speaker embedding), an instructi
 for an in-context clone its sample's transcript. The talker is causal and these sit at
 positions 0..n-1, so their keys and values depend on nothing that follows. The first prefill in
 a voice keeps a copy; later prefills in it start from that copy and compute only their own
-text. That is a fifth to a quarter of a preset speaker's sentence prefill, and most of a streamed reply's
-first one, whose prompt is the beginning and one word (BENCHMARKS.md, "prompt beginnings").
+text. That is a fifth to a quarter of a preset speaker's sentence prefill, and most of a
+streamed reply's first one, whose prompt is the beginning and one word (BENCHMARKS.md, "prompt
+beginnings").
 
 Entries are found by their embeddings' content (a hash, then an exact comparison), so another
 voice, language, instruction or model is never served a history that is not its own. Beyond a
