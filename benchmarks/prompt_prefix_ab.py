@@ -82,7 +82,9 @@ def clone_voice(runtime, seconds: float) -> ClonePrompt:
     talker = runtime.wrapper.model.config.talker_config
     return ClonePrompt(
         speaker_embedding=torch.randn(talker.hidden_size, generator=generator) * 0.02,
-        ref_codes=torch.randint(0, 2048, (round(seconds * 12.5), talker.num_code_groups), generator=generator),
+        ref_codes=torch.randint(
+            0, talker.code_predictor_config.vocab_size, (round(seconds * 12.5), talker.num_code_groups), generator=generator
+        ),
         ref_text=TRANSCRIPT,
     )
 
