@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from bench import machine
 from report import write_report
 
-from wyoming_qwen3tts.engine.quantized_linear import INT4_GROUP, Int4Weights, Int8Weights
+from wyoming_qwen3tts.engine.quantized_linear import INT4_GROUP, Int4Weights, Int8Weights, KleidiAIInt4Weights, kleidiai_built
 
 IN, OUT = 1024, 3072
 ROWS = (1, 2, 4, 8, 40)
@@ -39,10 +39,7 @@ def timed(fn, calls: int) -> float:
 
 def dynamic_int4_path() -> str:
     """Which implementation PyTorch's dynamic 4-bit product has in this build."""
-    kleidiai = getattr(torch.backends, "kleidiai", None)
-    if kleidiai is not None and kleidiai.is_available():
-        return "KleidiAI"
-    return "PyTorch's reference path: no KleidiAI in this build"
+    return "KleidiAI" if kleidiai_built() else "PyTorch's reference path: no KleidiAI in this build"
 
 
 def candidates(weight: torch.Tensor):
@@ -64,18 +61,6 @@ def candidates(weight: torch.Tensor):
         codes = torch.round(weight / scales[:, None]).to(torch.int8)
         return lambda x: torch._weight_int8pack_mm(x.bfloat16(), codes, scales.bfloat16())
 
-    def dynamic_int4():
-        # Symmetric 4-bit groups of 32, stored as code + 8 two to a byte, low nibble first; the
-        # activations are quantized to int8 per row inside the kernel (KleidiAI's on aarch64).
-        groups = weight.reshape(OUT, IN // INT4_GROUP, INT4_GROUP)
-        scales = (groups.abs().amax(-1) / 7).clamp(min=1e-12)
-        codes = (torch.round(groups / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(OUT, IN)
-        nibbles = (codes[:, 1::2] << 4 | codes[:, 0::2]).contiguous()
-        # bfloat16 scales: with float32 ones PyTorch takes KleidiAI's kernels for whole rows only,
-        # and groups fall back to the reference path (its meta registration says so).
-        packed = torch.ops.aten._dyn_quant_pack_4bit_weight(nibbles, scales.bfloat16(), None, INT4_GROUP, IN, OUT)
-        return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed, INT4_GROUP, IN, OUT)
-
     def onednn():
         torch.ops.mkldnn._linear_pointwise(torch.zeros(2, IN), weight, None, "none", [], "")
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -86,9 +71,9 @@ def candidates(weight: torch.Tensor):
         ("bfloat16 F.linear", lambda: (lambda x, w=weight.bfloat16(): F.linear(x.bfloat16(), w))),
         ("fbgemm int8, a grid per row (ours: int8)", lambda: Int8Weights(weight, None)),
         ("torch _weight_int8pack_mm, bfloat16 activations", int8pack),
-        ("torch _weight_int4pack_mm_for_cpu, groups of 32 (ours: int4)", lambda: Int4Weights(weight, None)),
+        ("torch _weight_int4pack_mm_for_cpu, groups of 32 (ours: int4 without KleidiAI)", lambda: Int4Weights(weight, None)),
         ("torch _weight_int4pack_mm_for_cpu, groups of 128", lambda: Int4Weights(weight, None, group=128)),
-        (f"torch _dyn_quant_matmul_4bit, int8 activations, groups of {INT4_GROUP} ({dynamic_int4_path()})", dynamic_int4),
+        (f"torch _dyn_quant_matmul_4bit, int8 activations, groups of {INT4_GROUP} ({dynamic_int4_path()}; ours: int4 with KleidiAI)", lambda: KleidiAIInt4Weights(weight, None)),
         ("torchao Int8WeightOnlyConfig", torchao("Int8WeightOnlyConfig")),
         ("torchao Int8DynamicActivationInt8WeightConfig", torchao("Int8DynamicActivationInt8WeightConfig")),
     ]

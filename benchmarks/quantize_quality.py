@@ -29,7 +29,8 @@ from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import LoadOptions
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine.quantized_linear import KERNELS, QuantizedLinear
+from wyoming_qwen3tts.engine.quantize import kernel_for
+from wyoming_qwen3tts.engine.quantized_linear import QuantizedLinear
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 TEXT = "Good evening, the living room lights are dimmed and the front door is locked."
@@ -69,7 +70,7 @@ def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def layer_snrs(recorded, mode: str) -> dict[str, float]:
-    kernel = KERNELS[mode]
+    kernel = kernel_for(mode)
     snrs = {}
     with torch.inference_mode():
         for name, (module, inputs) in recorded.items():
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"- checkpoint `{args.checkpoint.name}` (random weights, real 0.6B dimensions), CPU, torch {torch.__version__}",
-        "- kernels: " + "; ".join(f"{mode}: {KERNELS[mode].kernel()}" for mode in modes),
+        "- kernels: " + "; ".join(f"{mode}: {kernel_for(mode).kernel()}" for mode in modes),
         f"- per layer: every linear layer of talker and code predictor that the kernel takes, "
         f"on the activations of a stock greedy generation (up to {CALLS_PER_LAYER} calls each)",
         "",

@@ -31,7 +31,8 @@ from wyoming_clients import FRAME_SECONDS, one_stream, one_streamed
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
-from wyoming_qwen3tts.engine.quantized_linear import KERNELS, QuantizedLinear
+from wyoming_qwen3tts.engine.quantize import kernel_for
+from wyoming_qwen3tts.engine.quantized_linear import QuantizedLinear
 from wyoming_qwen3tts.server.app import WyomingOptions
 from wyoming_qwen3tts.settings import Settings
 
@@ -159,7 +160,7 @@ def main() -> int:
     lines = [
         f"- machine: {machine()}; torch {torch.__version__}; checkpoint `{Path(args.checkpoint).name}`, {args.frames}-frame utterance "
         f"({args.frames * FRAME_SECONDS:.1f} s of audio) through the Wyoming server, end-of-speech code off, best of {args.repeats}; {sentence_tokens(args.checkpoint)}",
-        "- kernels: " + "; ".join(f"{mode}: {kernel.kernel()}" for mode, kernel in KERNELS.items()),
+        "- kernels: " + "; ".join(f"{mode}: {kernel_for(mode).kernel()}" for mode in ("int8", "int4")),
         "- read bandwidth (1 GiB, summed or multiplied by one row, the faster): " + ", ".join(f"{t} thread{'s' * (t > 1)} {b / 1e9:.1f} GB/s" for t, b in bandwidth.items()),
         "",
         "| weights | threads | ms per frame | frames/s | vs float32 | first audio (ms) | streamed: first audio (ms) | talker ms | predictor ms | codec ms | weights read per frame | floor ms | step / floor | RSS MiB |",

@@ -17,8 +17,9 @@ from wyoming_qwen3tts.engine.loader import load_model, parameter_bytes, resolve_
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine.quantize import resolve_mode
-from wyoming_qwen3tts.engine.quantized_linear import KERNELS, Int4Weights, Int8Weights, QuantizedLinear, kernel_fault
+from wyoming_qwen3tts.engine import quantized_linear
+from wyoming_qwen3tts.engine.quantize import kernel_for, resolve_mode
+from wyoming_qwen3tts.engine.quantized_linear import Int4Weights, Int8Weights, KleidiAIInt4Weights, QuantizedLinear, kernel_fault
 from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
@@ -49,32 +50,34 @@ def layer_inputs(custom_voice_model):
     return {name: (module, torch.cat(inputs)) for name, (module, inputs) in recorded.items() if inputs}
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_every_quantized_layer_is_close_to_its_float_layer(layer_inputs, mode):
+# KleidiAI's kernel runs here as PyTorch's reference code for its operator (the same packed
+# input), which proves our packing; its own arithmetic is checked on aarch64 (script/arm64-check).
+@pytest.mark.parametrize("kernel", [Int8Weights, Int4Weights, KleidiAIInt4Weights], ids=["int8", "int4", "int4-kleidiai"])
+def test_every_quantized_layer_is_close_to_its_float_layer(layer_inputs, kernel):
     checked = 0
     with torch.inference_mode():
         for name, (module, x) in layer_inputs.items():
             try:
-                weights = KERNELS[mode](module.weight, module.bias)
+                weights = kernel(module.weight, module.bias)
             except ValueError:  # int4 groups that do not divide a tiny layer
                 continue
             for rows in (x[:1], x):  # one row (a frame step) and several (a prompt)
                 snr = snr_db(F.linear(rows, module.weight, module.bias), weights(rows))
-                assert snr >= MIN_SNR_DB[mode], f"{name}: {snr:.1f} dB on {rows.shape[0]} rows"
+                assert snr >= MIN_SNR_DB[f"int{kernel.bits}"], f"{name}: {snr:.1f} dB on {rows.shape[0]} rows"
             checked += 1
     assert checked >= 20
 
 
 def test_a_wrong_scale_is_caught_by_the_snr_bound(layer_inputs):
     module, x = next(iter(layer_inputs.values()))
-    weights = KERNELS["int8"](module.weight * 3, module.bias)  # as if the scales were off
+    weights = Int8Weights(module.weight * 3, module.bias)  # as if the scales were off
     assert snr_db(F.linear(x, module.weight, module.bias), weights(x)) < 10
 
 
 def test_an_int8_row_of_zeros_gives_its_bias_and_a_row_keeps_its_result_beside_louder_rows():
     torch.manual_seed(3)
     weight, bias = torch.randn(48, 64) * 0.05, torch.randn(48)
-    weights = KERNELS["int8"](weight, bias)
+    weights = Int8Weights(weight, bias)
     quiet, loud = torch.randn(1, 64) * 1e-3, torch.randn(1, 64) * 1e3
     out = weights(torch.cat((torch.zeros(1, 64), quiet, loud)))
     assert torch.equal(out[0], bias), "a zero row must not turn into NaN or noise"
@@ -124,6 +127,45 @@ def test_auto_is_int8_on_a_cpu_and_a_missing_kernel_falls_back_with_one_line(mon
     with caplog.at_level(logging.WARNING):
         assert resolve_mode("int4", torch.device("cpu")) == "int8"
     assert "No usable int4 kernel on this machine" in caplog.text
+
+
+def offer_kleidiai(monkeypatch, dot_product: bool = True) -> None:
+    """Make this machine look like an aarch64 PyTorch build (KleidiAI built in), on a CPU with or
+    without the dot product; the operator then runs PyTorch's reference code for it."""
+    monkeypatch.setattr(quantized_linear, "kleidiai_built", lambda: True)
+    monkeypatch.setattr(quantized_linear, "arm_dot_product", lambda: dot_product)
+
+
+def test_int4_takes_kleidiai_where_pytorch_has_it_and_the_cpu_can_run_it(checkpoints, monkeypatch, caplog):
+    assert kernel_for("int4") is (KleidiAIInt4Weights if quantized_linear.kleidiai_built() else Int4Weights)
+    offer_kleidiai(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("int4", torch.device("cpu")) == "int4"
+    assert not caplog.text
+    assert kernel_for("int4") is KleidiAIInt4Weights
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int4")))
+    kinds = {type(getattr(m.weights, "fused", m.weights)) for m in wrapper.model.talker.modules() if isinstance(m, QuantizedLinear)}
+    assert KleidiAIInt4Weights in kinds and Int4Weights not in kinds  # tiny layers the groups do not divide: int8
+
+
+def test_an_arm_cpu_without_the_dot_product_keeps_pytorchs_int4_kernel_and_the_log_says_why(monkeypatch, caplog):
+    # A Raspberry Pi 4's Cortex-A72: KleidiAI's one-row kernel would die on an unknown instruction.
+    offer_kleidiai(monkeypatch, dot_product=False)
+    monkeypatch.setattr(KleidiAIInt4Weights, "__call__", lambda self, x: pytest.fail("KleidiAI's kernel was called"))
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("int4", torch.device("cpu")) == "int4"
+    assert kernel_for("int4") is Int4Weights
+    assert "int4 does not use KleidiAI" in caplog.text and "dot product" in caplog.text
+
+
+def test_a_kleidiai_kernel_with_wrong_products_gives_way_to_pytorchs_int4_kernel(monkeypatch, caplog):
+    offer_kleidiai(monkeypatch)
+    call = KleidiAIInt4Weights.__call__
+    monkeypatch.setattr(KleidiAIInt4Weights, "__call__", lambda self, x: call(self, x) * 0.5)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mode("int4", torch.device("cpu")) == "int4"
+    assert kernel_for("int4") is Int4Weights
+    assert "int4 does not use KleidiAI" in caplog.text and "dB from the float product" in caplog.text
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ and the codec decoder stay as they are (quantizing the codec's Snake activations
 
 Where a kernel is missing or gives wrong products (another CPU, a GPU), the next one down is
 used, with one log line; for int8 first PyTorch's other quantized engines (on an aarch64 build:
-oneDNN, the default, and QNNPACK).
+oneDNN, the default, and QNNPACK); for int4 first Arm's KleidiAI kernels where PyTorch has them
+(aarch64), then PyTorch's own int4 kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import torch
 
 from .allocator import release_free_memory
-from .quantized_linear import KERNELS, Int4Weights, Int8Weights, QuantizedLinear, WeightSlice, int8_engine, kernel_fault
+from .quantized_linear import Int4Weights, Int8Weights, KleidiAIInt4Weights, QuantizedLinear, WeightSlice, int4_kernels, int8_engine, kernel_fault
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def resolve_mode(requested: str, device: torch.device) -> str:
     for candidate in MODES[MODES.index(mode) :]:
         if candidate == "none":
             break
-        fault = _int8_engine_fault() if candidate == "int8" else kernel_fault(KERNELS[candidate])
+        fault = _int8_engine_fault() if candidate == "int8" else _int4_fault()
         if fault is not None:
             _LOGGER.warning("No usable %s kernel on this machine (%s); trying the next one", candidate, fault)
             continue
@@ -76,7 +77,34 @@ def _int8_engine_fault() -> str | None:
     return f"engine {default!r}: {fault}" + (f"; tried {', '.join(others)} too" if others else "")
 
 
-def _quantized(kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Weights | Int4Weights:
+def _int4_faults() -> list[tuple[type, str | None]]:
+    """Each int4 kernel this machine offers, best first, with what is wrong with it here (None: usable)."""
+    return [(kernel, kernel.cannot_run() or kernel_fault(kernel)) for kernel in int4_kernels()]
+
+
+def _int4_fault() -> str | None:
+    """None when some int4 kernel is usable here (saying in the log why a better one is not), else
+    what is wrong with each."""
+    faults = _int4_faults()
+    usable = [kernel for kernel, fault in faults if fault is None]
+    if not usable:
+        return "; ".join(f"{kernel.kernel()}: {fault}" for kernel, fault in faults)
+    for kernel, fault in faults:
+        if kernel is usable[0]:
+            break
+        _LOGGER.warning("int4 does not use %s (%s); it uses %s instead", kernel.kernel(), fault, usable[0].kernel())
+    return None
+
+
+def kernel_for(mode: str) -> type[Int8Weights] | type[Int4Weights] | type[KleidiAIInt4Weights]:
+    """The kernel that weights of ``mode`` ("int8" or "int4", as `resolve_mode` settled it) use here."""
+    if mode == "int8":
+        return Int8Weights
+    usable = [kernel for kernel, fault in _int4_faults() if fault is None]
+    return usable[0] if usable else Int4Weights
+
+
+def _quantized(kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Weights | Int4Weights | KleidiAIInt4Weights:
     try:
         return kernel(weight, bias)
     except ValueError:  # a shape the int4 groups do not divide (tiny test models): 8 bits
@@ -105,7 +133,7 @@ def quantize_talker(model: torch.nn.Module, mode: str) -> None:
     """Replace every linear layer of ``model.talker`` (code predictor included) in place."""
     if mode == "none":
         return
-    kernel = KERNELS[mode]
+    kernel = kernel_for(mode)
     layers = float_bytes = quantized_bytes = 0
     with torch.no_grad():
         for module in list(model.talker.modules()):

@@ -10,6 +10,12 @@ The kernels are PyTorch's own, measured on our CPU (BENCHMARKS.md, "kernel probe
   AVX-512 one (no fast kernel there without compiling), so torchao is not used.
 * int4: `torch._weight_int4pack_mm_for_cpu` (weight-only, groups of 32 with scale and zero,
   bfloat16 activations). On our CPUs it is not faster than int8 and saves memory only.
+* int4 on a 64-bit Arm CPU with the Armv8.2 dot product (a Raspberry Pi 5): Arm's KleidiAI
+  kernels behind `torch._dyn_quant_matmul_4bit` (symmetric groups of 32, each activation row
+  quantized to 8 bits inside the kernel), which PyTorch builds into its aarch64 wheels only.
+  On x86 the same operator is PyTorch's reference code, 10x slower than the int4 kernel above
+  (kernel probe), so it is used only where KleidiAI is built in. Chosen by design, not by a
+  measurement of ours: no Arm machine has run it for us but an emulated one (`script/arm64-check`).
 
 Projections that read the same input (a layer's q, k and v; its gate and up) can share one
 quantized matrix: one call, and one pass over the input, instead of three or two.
@@ -21,9 +27,11 @@ engine's int8 product of a single row came out at 3 dB, i.e. noise).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import math
+import platform
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -151,6 +159,14 @@ def _(spread: torch.Tensor, handle: int) -> torch.Tensor:
     return spread.new_empty(spread.shape[0], _INT8_BY_HANDLE[handle].out_features)
 
 
+def weight_groups(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """``weight`` [out, in] in float32 as [out, in / group, group]; ValueError where ``group`` does not divide its inputs."""
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise ValueError(f"{in_features} inputs are not a multiple of the int4 group ({group})")
+    return weight.detach().to(torch.float32).reshape(out_features, in_features // group, group)
+
+
 class Int4Weights:
     """A weight matrix as 4-bit groups with a scale and a zero each, packed for the CPU kernel."""
 
@@ -161,13 +177,15 @@ class Int4Weights:
     def kernel(cls) -> str:
         return f"torch _weight_int4pack_mm_for_cpu (weight-only, groups of {INT4_GROUP})"
 
+    @classmethod
+    def cannot_run(cls) -> str | None:
+        """None: PyTorch builds this kernel for every CPU (whether its products are right is `kernel_fault`'s question)."""
+        return None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP) -> None:
-        weight = weight.detach().to(torch.float32)
+        groups = weight_groups(weight, group)
         out_features, in_features = weight.shape
-        if in_features % group:
-            raise ValueError(f"{in_features} inputs are not a multiple of the int4 group ({group})")
         self.group = group
-        groups = weight.reshape(out_features, in_features // group, group)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scales = ((high - low) / 15).clamp(min=1e-12)
         codes = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
@@ -192,10 +210,88 @@ class Int4Weights:
         return self.out_features * self.in_features // 2 + 4 * self.out_features * (self.in_features // self.group)
 
 
-KERNELS = {"int8": Int8Weights, "int4": Int4Weights}
+# getauxval(AT_HWCAP) on 64-bit Arm Linux: bit 20 is the Armv8.2 8-bit dot product (asimddp).
+_AT_HWCAP, _HWCAP_ASIMDDP = 16, 1 << 20
 
 
-def kernel_fault(kernel: type[Int8Weights] | type[Int4Weights]) -> str | None:
+def arm_dot_product() -> bool:
+    """Whether this is a 64-bit Arm CPU with the 8-bit dot product instructions (Armv8.2; a
+    Raspberry Pi 5's Cortex-A76 has them, a Pi 4's Cortex-A72 does not)."""
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        return False
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):  # not glibc or musl on Linux
+        return False
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, (ctypes.c_ulong,)
+    return bool(getauxval(_AT_HWCAP) & _HWCAP_ASIMDDP)
+
+
+def kleidiai_built() -> bool:
+    """Whether this PyTorch has Arm's KleidiAI kernels (its aarch64 builds)."""
+    kleidiai = getattr(torch.backends, "kleidiai", None)
+    return kleidiai is not None and kleidiai.is_available()
+
+
+class KleidiAIInt4Weights:
+    """A weight matrix as symmetric 4-bit groups with a bfloat16 scale each, packed for Arm's
+    KleidiAI kernels (`torch._dyn_quant_matmul_4bit`): the kernel quantizes each input row to
+    8 bits with a scale and zero point of its own, so a row's result does not depend on the rows
+    beside it, and runs 8-bit dot products over the 4-bit weights."""
+
+    bits = 4
+    min_snr_db = 15.0  # `kernel_fault`'s bound; symmetric groups of 32 give about 20 dB on random layers
+
+    @classmethod
+    def kernel(cls) -> str:
+        return f"KleidiAI int4 (torch _dyn_quant_matmul_4bit: symmetric groups of {INT4_GROUP}, 8-bit activations per row)"
+
+    @classmethod
+    def cannot_run(cls) -> str | None:
+        """Why this machine cannot run the kernel, or None. PyTorch takes KleidiAI's one-row kernel
+        without asking the CPU, and an instruction the CPU lacks kills the process: this must be
+        asked before any call."""
+        if not kleidiai_built():
+            return "this PyTorch has no KleidiAI kernels (only its aarch64 builds do)"
+        if not arm_dot_product():
+            return "this CPU lacks the Armv8.2 dot product instructions that KleidiAI's kernels need"
+        return None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP) -> None:
+        groups = weight_groups(weight, group)
+        out_features, in_features = weight.shape
+        scales = (groups.abs().amax(-1) / 7).clamp(min=1e-12)
+        # Stored as code + 8, two to a byte, the even column in the low nibble.
+        codes = (torch.round(groups / scales.unsqueeze(-1)).clamp(-8, 7) + 8).to(torch.uint8).reshape(out_features, in_features)
+        nibbles = (codes[:, 1::2] << 4 | codes[:, 0::2]).contiguous()
+        # bfloat16 scales: with float32 ones PyTorch takes KleidiAI's kernels for whole rows only
+        # (one group per row), and groups go to its reference code.
+        self.packed = torch.ops.aten._dyn_quant_pack_4bit_weight(
+            nibbles, scales.to(torch.bfloat16), None if bias is None else bias.detach().to(torch.float32), group, in_features, out_features
+        )
+        self.group = group
+        self.out_features, self.in_features = out_features, in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        out = torch.ops.aten._dyn_quant_matmul_4bit(rows.contiguous(), self.packed, self.group, self.in_features, self.out_features)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size()
+
+
+def int4_kernels() -> tuple[type[KleidiAIInt4Weights] | type[Int4Weights], ...]:
+    """The int4 kernels to try on this machine, best first: KleidiAI where PyTorch has it (on x86
+    its operator is slow reference code), then PyTorch's int4 kernel."""
+    return (KleidiAIInt4Weights, Int4Weights) if kleidiai_built() else (Int4Weights,)
+
+
+def kernel_fault(kernel: type[Int8Weights] | type[Int4Weights] | type[KleidiAIInt4Weights]) -> str | None:
     """What is wrong with ``kernel`` on this machine, or None when its products are right.
 
     A random layer's product must be close to the float product (``kernel.min_snr_db``) for one
@@ -228,7 +324,7 @@ def kernel_fault(kernel: type[Int8Weights] | type[Int4Weights]) -> str | None:
 class WeightSlice:
     """The outputs ``start:stop`` of a matrix fused from several projections of one input."""
 
-    def __init__(self, fused: Int8Weights | Int4Weights, start: int, stop: int) -> None:
+    def __init__(self, fused: Int8Weights | Int4Weights | KleidiAIInt4Weights, start: int, stop: int) -> None:
         self.fused, self.start, self.stop = fused, start, stop
         self.in_features, self.out_features = fused.in_features, stop - start
 
@@ -245,7 +341,7 @@ class WeightSlice:
 class QuantizedLinear(torch.nn.Module):
     """An `nn.Linear` replacement over quantized weights; the package's modules call it as before."""
 
-    def __init__(self, weights: Int8Weights | Int4Weights | WeightSlice) -> None:
+    def __init__(self, weights: Int8Weights | Int4Weights | KleidiAIInt4Weights | WeightSlice) -> None:
         super().__init__()
         self.weights = weights
         self.in_features, self.out_features = weights.in_features, weights.out_features
