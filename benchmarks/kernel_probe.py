@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from bench import machine
 from report import write_report
 
-from wyoming_qwen3tts.engine.quantized_linear import INT4_GROUP, Int4Weights, Int8Weights, KleidiAIInt4Weights, kleidiai_built
+from wyoming_qwen3tts.engine.int4_weights import INT4_GROUP, Int4Weights, KleidiAIInt4Weights, kleidiai_built
+from wyoming_qwen3tts.engine.quantized_linear import Int8Weights
 
 IN, OUT = 1024, 3072
 ROWS = (1, 2, 4, 8, 40)

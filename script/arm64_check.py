@@ -22,7 +22,8 @@ import torch
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.engine.quantize import kernel_for
-from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, arm_dot_product, int4_kernels, kernel_fault
+from wyoming_qwen3tts.engine.int4_weights import arm_dot_product, int4_kernels
+from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, kernel_fault
 from wyoming_qwen3tts.speech import PresetSpeaker, RequestOptions, SamplingOptions
 
 

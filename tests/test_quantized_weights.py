@@ -17,9 +17,10 @@ from wyoming_qwen3tts.engine.loader import load_model, parameter_bytes, resolve_
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
-from wyoming_qwen3tts.engine import quantized_linear
+from wyoming_qwen3tts.engine import int4_weights
 from wyoming_qwen3tts.engine.quantize import kernel_for, resolve_mode
-from wyoming_qwen3tts.engine.quantized_linear import Int4Weights, Int8Weights, KleidiAIInt4Weights, QuantizedLinear, kernel_fault
+from wyoming_qwen3tts.engine.int4_weights import Int4Weights, KleidiAIInt4Weights
+from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, QuantizedLinear, kernel_fault
 from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 from wyoming_qwen3tts.request import RequestLayerOptions
 from wyoming_qwen3tts.settings import Settings
@@ -132,12 +133,12 @@ def test_auto_is_int8_on_a_cpu_and_a_missing_kernel_falls_back_with_one_line(mon
 def offer_kleidiai(monkeypatch, dot_product: bool = True) -> None:
     """Make this machine look like an aarch64 PyTorch build (KleidiAI built in), on a CPU with or
     without the dot product; the operator then runs PyTorch's reference code for it."""
-    monkeypatch.setattr(quantized_linear, "kleidiai_built", lambda: True)
-    monkeypatch.setattr(quantized_linear, "arm_dot_product", lambda: dot_product)
+    monkeypatch.setattr(int4_weights, "kleidiai_built", lambda: True)
+    monkeypatch.setattr(int4_weights, "arm_dot_product", lambda: dot_product)
 
 
 def test_int4_takes_kleidiai_where_pytorch_has_it_and_the_cpu_can_run_it(checkpoints, monkeypatch, caplog):
-    assert kernel_for("int4") is (KleidiAIInt4Weights if quantized_linear.kleidiai_built() else Int4Weights)
+    assert kernel_for("int4") is (KleidiAIInt4Weights if int4_weights.kleidiai_built() else Int4Weights)
     offer_kleidiai(monkeypatch)
     with caplog.at_level(logging.WARNING):
         assert resolve_mode("int4", torch.device("cpu")) == "int4"

@@ -3,9 +3,10 @@
 A frame on a CPU is bound by reading weights: fewer bytes per weight, and a kernel that reads
 them fast, is what makes it quicker. Every `nn.Linear` of the talker and of the code predictor
 (attention projections, MLPs, the codec head, the 15 predictor heads, the text projection) is
-replaced by a `QuantizedLinear` (kernels in `quantized_linear.py`); a decoder layer's q, k and v
-become one matrix, and so do its gate and up, since they read the same input. Embeddings, norms
-and the codec decoder stay as they are (quantizing the codec's Snake activations makes noise).
+replaced by a `QuantizedLinear` (kernels in `quantized_linear.py` and `int4_weights.py`); a
+decoder layer's q, k and v become one matrix, and so do its gate and up, since they read the
+same input. Embeddings, norms and the codec decoder stay as they are (quantizing the codec's
+Snake activations makes noise).
 
 Where a kernel is missing or gives wrong products (another CPU, a GPU), the next one down is
 used, with one log line; for int8 first PyTorch's other quantized engines (on an aarch64 build:
@@ -20,7 +21,8 @@ import logging
 import torch
 
 from .allocator import release_free_memory
-from .quantized_linear import Int4Weights, Int8Weights, KleidiAIInt4Weights, QuantizedLinear, WeightSlice, int4_kernels, int8_engine, kernel_fault
+from .int4_weights import Int4Weights, KleidiAIInt4Weights, int4_kernels
+from .quantized_linear import Int8Weights, QuantizedLinear, WeightSlice, int8_engine, kernel_fault
 
 _LOGGER = logging.getLogger(__name__)
 
