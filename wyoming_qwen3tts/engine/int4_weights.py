@@ -99,8 +99,10 @@ def kleidiai_built() -> bool:
 class KleidiAIInt4Weights:
     """A weight matrix as symmetric 4-bit groups with a bfloat16 scale each, packed for Arm's
     KleidiAI kernels (`torch._dyn_quant_matmul_4bit`): the kernel quantizes each input row to
-    8 bits with a scale and zero point of its own, so a row's result does not depend on the rows
-    beside it, and runs 8-bit dot products over the 4-bit weights."""
+    8 bits with a scale and zero point of its own and runs 8-bit dot products over the 4-bit
+    weights. A row's integer products do not depend on the rows beside it; on a CPU with the
+    i8mm instructions PyTorch takes another kernel for several rows than for one, whose float
+    sums may round differently (not checked: no such CPU, emulated or real, has run it for us)."""
 
     bits = 4
     min_snr_db = 15.0  # `kernel_fault`'s bound; symmetric groups of 32 give about 20 dB on random layers
