@@ -34,6 +34,8 @@ from pathlib import Path
 import aiohttp
 from report import write_report
 from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import async_read_event
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from wyoming_qwen3tts.engine.allocator import memory_allocator
@@ -187,18 +189,18 @@ class Mix:
         try:
             writer.write(b'{"type": "synthesize", "data_length": "many"}\n' + b"\x00" * 64)
             await writer.drain()
-            rest = await asyncio.wait_for(reader.read(), timeout=10)  # an error event, then the server drops us
+            # An error event, then the server drops us.
+            event = await asyncio.wait_for(async_read_event(reader), timeout=10)
+            rest = await asyncio.wait_for(reader.read(), timeout=10)
+        except ValueError as error:  # what came back is not an event
+            return "unexpected-error", f"not an event: {error}"
         finally:
             writer.close()
-        header, _, body = rest.partition(b"\n")
-        try:
-            event = json.loads(header)
-            data = {**event.get("data", {}), **json.loads(body[: event.get("data_length") or 0] or b"{}")}
-        except (ValueError, AttributeError):
-            return "unexpected-error", f"not an event: {rest[:80]!r}"
-        if event.get("type") == "error" and data.get("code") == "malformed-event":
-            return "ok", ""
-        return "unexpected-error", f"got {rest[:80]!r}"
+        if event is None or not Error.is_type(event.type):
+            return "unexpected-error", f"got {event.type if event else 'a close'}"
+        if Error.from_event(event).code != "malformed-event" or rest:
+            return "unexpected-error", f"error {Error.from_event(event).code!r}, then {len(rest)} bytes"
+        return "ok", ""
 
     async def http(self, response_format: str) -> tuple[str, str]:
         body = {"model": "qwen3-tts", "voice": "serena", "input": next(self.texts), "response_format": response_format}

@@ -79,22 +79,26 @@ def _int8_engine_fault() -> str | None:
     return f"engine {default!r}: {fault}" + (f"; tried {', '.join(others)} too" if others else "")
 
 
-def _int4_faults() -> list[tuple[type, str | None]]:
-    """Each int4 kernel this machine offers, best first, with what is wrong with it here (None: usable)."""
-    return [(kernel, kernel.cannot_run() or kernel_fault(kernel)) for kernel in int4_kernels()]
+def _int4_choice() -> tuple[type[Int4Weights] | type[KleidiAIInt4Weights] | None, list[tuple[type, str]]]:
+    """The best int4 kernel usable here (None when none is), and each better one passed over with
+    what is wrong with it here."""
+    passed_over = []
+    for kernel in int4_kernels():
+        fault = kernel.cannot_run() or kernel_fault(kernel)
+        if fault is None:
+            return kernel, passed_over
+        passed_over.append((kernel, fault))
+    return None, passed_over
 
 
 def _int4_fault() -> str | None:
     """None when some int4 kernel is usable here (saying in the log why a better one is not), else
     what is wrong with each."""
-    faults = _int4_faults()
-    usable = [kernel for kernel, fault in faults if fault is None]
-    if not usable:
-        return "; ".join(f"{kernel.kernel()}: {fault}" for kernel, fault in faults)
-    for kernel, fault in faults:
-        if kernel is usable[0]:
-            break
-        _LOGGER.warning("int4 does not use %s (%s); it uses %s instead", kernel.kernel(), fault, usable[0].kernel())
+    kernel, passed_over = _int4_choice()
+    if kernel is None:
+        return "; ".join(f"{other.kernel()}: {fault}" for other, fault in passed_over)
+    for other, fault in passed_over:
+        _LOGGER.warning("int4 does not use %s (%s); it uses %s instead", other.kernel(), fault, kernel.kernel())
     return None
 
 
@@ -102,8 +106,7 @@ def kernel_for(mode: str) -> type[Int8Weights] | type[Int4Weights] | type[Kleidi
     """The kernel that weights of ``mode`` ("int8" or "int4", as `resolve_mode` settled it) use here."""
     if mode == "int8":
         return Int8Weights
-    usable = [kernel for kernel, fault in _int4_faults() if fault is None]
-    return usable[0] if usable else Int4Weights
+    return _int4_choice()[0] or Int4Weights
 
 
 def _quantized(kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Weights | Int4Weights | KleidiAIInt4Weights:
