@@ -29,6 +29,7 @@ from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions,
 
 GREEDY = SamplingOptions().greedy()
 NEAR_TIE = 1e-4
+BFLOAT16_TIE = 0.05  # a score of about 10 in bfloat16 is rounded to 1/16
 FRAMES = 24
 STREAM_TEXTS = TEXTS + ["Set a timer for ten minutes."]
 SPEAKERS = ["ryan", "vivian", "aiden", "serena"]
@@ -72,7 +73,7 @@ def run_batch(generator: FrameGenerator, prompts_, samplings) -> list[torch.Tens
     return [torch.stack(row) for row in codes]
 
 
-def assert_same_or_parted_at_a_near_tie(alone: torch.Tensor, batched: torch.Tensor, margins: list[float]) -> None:
+def assert_same_or_parted_at_a_near_tie(alone: torch.Tensor, batched: torch.Tensor, margins: list[float], near_tie: float = NEAR_TIE) -> None:
     """``batched`` equals ``alone``, or first differs where the alone run's choice was a near-tie."""
     if alone.shape == batched.shape and torch.equal(alone, batched):
         return
@@ -81,7 +82,7 @@ def assert_same_or_parted_at_a_near_tie(alone: torch.Tensor, batched: torch.Tens
     assert len(differing), f"same codes but different lengths: {alone.shape} vs {batched.shape}"
     frame, book = differing[0].tolist()
     margin = margins[frame * alone.shape[1] + book]
-    assert margin < NEAR_TIE, f"codes part at frame {frame}, codebook {book}, where the choice was clear (margin {margin:.2e})"
+    assert margin < near_tie, f"codes part at frame {frame}, codebook {book}, where the choice was clear (margin {margin:.2e})"
 
 
 SETTINGS = {
@@ -411,6 +412,38 @@ def test_float_weights_of_one_stream_use_the_package_s_kernel_and_a_batch_uses_o
     if onednn_linear():
         expected = torch.ops.mkldnn._linear_pointwise(batch, weight, bias, "none", [], "")
         assert torch.equal(linear(batch), expected), "several streams: oneDNN's product"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_weights_on_a_cpu_multiply_one_row_a_batch_and_a_prompt(dtype):
+    """A CPU without bfloat16 or float16 arithmetic (AVX2) has no oneDNN product of them: a batch
+    of streams must not ask for one (every batched step failed there), and a prompt is multiplied
+    in float32. Whatever the path, the product is that of the same numbers in float32, rounded."""
+    from wyoming_qwen3tts.engine.quantized_linear import FloatLinear
+
+    weight, bias = (torch.randn(768, 512) * 0.05).to(dtype), torch.randn(768).to(dtype)  # oneDNN's size
+    linear = FloatLinear(weight, bias)
+    for shape in ((1, 1, 512), (4, 1, 512), (8, 1, 512), (1, 40, 512)):
+        x = torch.randn(shape).to(dtype)
+        out = linear(x)
+        assert out.dtype == dtype and out.shape == (*shape[:-1], 768), shape
+        expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        noise = (out.float() - expected).pow(2).sum() / expected.pow(2).sum()
+        assert 10 * torch.log10(noise) <= -40, f"{shape}: {10 * torch.log10(noise):.1f} dB"
+
+
+def test_bfloat16_streams_on_a_cpu_share_steps_and_each_gets_its_codes_alone(checkpoints, monkeypatch):
+    """Eight rows: the step's products and the prompts' run in float32 on an AVX2 CPU, one row's in
+    bfloat16. Divergence is allowed only where the two best scores lay within bfloat16's rounding."""
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="none", dtype="bfloat16")))
+    generator = FrameGenerator(wrapper.model)
+    texts = [build_prompt(wrapper, STREAM_TEXTS[i % 4] + " Then" * i, PresetSpeaker(SPEAKERS[i % 4]), "english") for i in range(8)]
+    batched = run_batch(generator, texts, [GREEDY] * 8)
+    for prompt, codes in zip(texts, batched):
+        recorder = ChoiceMargins(monkeypatch)
+        alone = run_batch(generator, [prompt], [GREEDY])[0]
+        assert alone.shape == codes.shape == (FRAMES, 16)
+        assert_same_or_parted_at_a_near_tie(alone, codes, recorder.margins, near_tie=BFLOAT16_TIE)
 
 
 def test_unseeded_rows_draw_exponential_noise_and_seeded_rows_the_stock_numbers():
