@@ -69,6 +69,21 @@ def test_every_quantized_layer_is_close_to_its_float_layer(layer_inputs, kernel)
     assert checked >= 20
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kernel", [Int8Weights, Int4Weights, KleidiAIInt4Weights], ids=["int8", "int4", "int4-kleidiai"])
+def test_a_quantized_layer_takes_a_strided_batch_of_any_float_type(kernel, dtype):
+    """The last position of each row of a batch is a strided view; in bfloat16 nothing on the way
+    copies it (PyTorch's int4 kernel refused it: every batched bfloat16 step with int4 failed)."""
+    generator = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(96, 128, generator=generator) * 0.05, torch.randn(96, generator=generator)
+    weights = kernel(weight, bias)
+    hidden = torch.randn(4, 3, 128, generator=generator).to(dtype)
+    last = hidden[:, -1]
+    assert not last.is_contiguous()
+    out = weights(last)
+    assert out.dtype == dtype and torch.equal(out, weights(last.contiguous()))
+
+
 def test_a_wrong_scale_is_caught_by_the_snr_bound(layer_inputs):
     module, x = next(iter(layer_inputs.values()))
     weights = Int8Weights(module.weight * 3, module.bias)  # as if the scales were off

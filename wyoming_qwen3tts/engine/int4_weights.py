@@ -62,7 +62,9 @@ class Int4Weights:
         self.out_features, self.in_features = out_features, in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        # A bfloat16 input is not copied by the conversion, and the kernel refuses a strided view
+        # (the last position of each row of a batch).
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
