@@ -125,6 +125,16 @@ def test_int8_rows_give_exactly_the_codes_they_give_alone(checkpoints):
         assert torch.equal(run_batch(generator, [prompt], [sampling])[0], codes)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_every_precision_and_weight_format_steps_a_batch(checkpoints, dtype, quantize):
+    """A batched step runs in every combination a user can configure on a CPU (with int4 and
+    bfloat16 it failed: the worker then retries row by row, slowly, with a warning every step)."""
+    wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize=quantize, dtype=dtype)))
+    codes = run_batch(FrameGenerator(wrapper.model), prompts(wrapper, 3), [GREEDY] * 3)
+    assert [c.shape for c in codes] == [(FRAMES, 16)] * 3
+
+
 def test_a_prefill_is_one_row_per_position_whatever_its_length(checkpoints):
     """Int8 prompts take one kernel call for all positions, and equal the row-by-row result."""
     wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int8")))
