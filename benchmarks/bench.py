@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action="store_true", help="run our engine with --compile")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the code predictor unrecorded (as --no-cuda-graphs)")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads for both paths (0 = all cores but one)")
     parser.add_argument(
         "--codec-threads", type=int, default=0, help="PyTorch CPU threads of each decoding thread (0 = the cores the model leaves)"
@@ -215,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # script/device-check: where a step at its limit was
 
     load = LoadOptions(
-        device=args.device, dtype=args.dtype, compile=args.compile, threads=args.threads, quantize=args.quantize, codec_threads=args.codec_threads
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        cuda_graphs=not args.no_cuda_graphs,
+        threads=args.threads,
+        quantize=args.quantize,
+        codec_threads=args.codec_threads,
     )
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     codecs = [c.strip() for c in args.codec_process.split(",") if c.strip()]
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--codec-process takes off, on or both (off,on), not {args.codec_process!r}")
     stock = per_frame = memory = device = None
     rows, newcomers = [], {}
-    compiled_share = 1.0
+    compiled_share = recorded_share = 1.0
     padded = False
     for codec in codecs:
         rss_before = rss_mib()
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         # A compile that failed falls back to the uncompiled loop: say what actually ran.
         frames = runtime.frames
         compiled_share = min(compiled_share, frames.predictor.compiled_frames / max(1, frames.frames_generated))
+        recorded_share = min(recorded_share, frames.predictor.recorded_frames / max(1, frames.frames_generated))
         padded = frames.slots is not None
         server.stop()
         engine.close()
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
-    report = render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share, padded)
+    report = render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share, recorded_share, padded)
     print(report)
     write_report(Path(args.output), args.label or f"{Path(args.checkpoint).name} on {device.type}", report)
     return 0
@@ -331,10 +339,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share: float, padded: bool) -> str:
-    predictor = (
-        f"compiled ({compiled_share:.0%} of our frames came from the compiled loop)" if args.compile else "uncompiled"
-    )
+def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share: float, recorded_share: float, padded: bool) -> str:
+    if args.compile:
+        predictor = f"compiled ({compiled_share:.0%} of our frames came from the compiled loop)"
+    elif str(device).startswith("cuda") and not args.no_cuda_graphs:
+        predictor = f"uncompiled, recorded as CUDA graphs ({recorded_share:.0%} of our frames came from a replay)"
+    else:
+        predictor = "uncompiled"
     lines = [
         f"- machine: {machine()}",
         f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "

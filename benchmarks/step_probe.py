@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,4,8,16")
     parser.add_argument("--steps", type=int, default=20, help="steps timed per row count")
     parser.add_argument("--compile", action="store_true", help="compile the code predictor first, as --compile does")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, do not record the code predictor as CUDA graphs")
     parser.add_argument("--threads", default=None, help="PyTorch CPU threads to measure in turn, e.g. 1,2,4 (default: the server's for the model)")
     parser.add_argument("--codec-chunks", default=CHUNKS, help="chunk lengths (frames) to time the codec with; 'none' for none")
     parser.add_argument("--batch-attention", choices=("rows", "padded"), default=None, help="default: the engine's for the device")
@@ -111,21 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     placement = resolve_placement(LoadOptions(device=args.device, quantize=args.quantize, compile=args.compile))
     wrapper = load_model(Path(args.checkpoint), placement)
     padded = placement.device.type == "cuda" if args.batch_attention is None else args.batch_attention == "padded"
-    runtime = ModelRuntime.create(wrapper, compile=args.compile, padded_attention=padded)
+    runtime = ModelRuntime.create(wrapper, compile=args.compile, padded_attention=padded, cuda_graphs=not args.no_cuda_graphs)
+    recording = runtime.frames.predictor.recorder is not None
     chunks = () if args.codec_chunks == "none" else tuple(int(c) for c in args.codec_chunks.split(","))
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [placement.threads]
     lines = [
         f"- machine: {machine()}; torch {torch.__version__}; device {wrapper.device}, weights {placement.quantize}, "
         f"{'/'.join(map(str, thread_counts))} threads; checkpoint `{Path(args.checkpoint).name}`; batch attention "
-        f"{'padded' if padded else 'per row'}; code predictor {'compiled' if args.compile else 'uncompiled'}",
+        f"{'padded' if padded else 'per row'}; code predictor "
+        + ("compiled" if args.compile else "recorded as CUDA graphs" if recording else "uncompiled"),
     ]
-    if args.compile:
+    if args.compile or recording:
         started = time.monotonic()
-        runtime.warm_up(batches=True)
-        compiled = runtime.frames.predictor.compile
+        runtime.warm_up(max_rows=max(int(r) for r in args.rows.split(",")))
+        predictor = runtime.frames.predictor
+        worked = predictor.compile if args.compile else predictor.recorder is not None
         lines.append(
-            f"- compiling the code predictor (single rows and batches): {time.monotonic() - started:.1f} s"
-            + ("" if compiled else " (it failed: the steps below ran uncompiled)")
+            f"- {'compiling' if args.compile else 'recording'} the code predictor (batches up to the largest measured): "
+            f"{time.monotonic() - started:.1f} s" + ("" if worked else " (it failed: the steps below ran eagerly)")
         )
         print(lines[-1], flush=True)
     lines += [
@@ -151,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{rate / single:.2f}x | {m['prefill']:.1f} | " + "".join(f"{m[f'codec {length}']:.1f} | " for length in chunks).rstrip()
                 )
                 print(lines[-1], flush=True)
-    if args.compile:
+    if args.compile or recording:
         predictor = runtime.frames.predictor
-        lines.append(f"- frames from the compiled loop: {predictor.compiled_frames} of {runtime.frames.frames_generated}")
+        done = predictor.compiled_frames if args.compile else predictor.recorded_frames
+        lines.append(
+            f"- frames from the {'compiled loop' if args.compile else 'recorded replays'}: {done} of {runtime.frames.frames_generated}"
+        )
     publish(Path(args.output), args.label, lines)
     return 0
 

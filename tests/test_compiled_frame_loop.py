@@ -190,15 +190,15 @@ def test_an_engine_compiles_on_the_thread_that_steps_the_model(checkpoints, monk
     thread, they would be recorded again by the first requests."""
     warmed_up_on = []
 
-    def warm_up(self, sampling, batches=True):
-        warmed_up_on.append((threading.current_thread().name, batches))
+    def warm_up(self, sampling, max_rows=2):
+        warmed_up_on.append((threading.current_thread().name, max_rows))
 
     monkeypatch.setattr(FrameGenerator, "warm_up", warm_up)  # records where, compiles nothing
     options = EngineOptions(model=str(checkpoints["custom_voice"]), load=LoadOptions(device="cpu", compile=True), max_batch=4)
     engine = SpeechEngine.load(options)
     try:
         model_thread = engine.worker.submit(lambda: threading.current_thread().name).result()
-        assert warmed_up_on == [(model_thread, True)]
+        assert warmed_up_on == [(model_thread, 4)]
         assert model_thread != threading.current_thread().name
     finally:
         engine.close()

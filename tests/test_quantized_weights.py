@@ -286,7 +286,7 @@ def test_a_compiled_int8_code_predictor_runs_the_int8_kernel_and_draws_the_uncom
 
     with caplog.at_level(logging.INFO):
         compiled = FrameGenerator(wrapper.model, compile=True)
-        compiled.warm_up(sampling, batches=False)
+        compiled.warm_up(sampling, max_rows=1)
     assert compiled.predictor.compile, "the int8 code predictor should compile on this machine"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     ours = seeded_codes(compiled)

@@ -125,6 +125,7 @@ def from_namespace(args: argparse.Namespace) -> Settings:
                 attention=args.attention,
                 text_embedding_on_cpu=args.text_embedding_on_cpu,
                 compile=args.compile,
+                cuda_graphs=not args.no_cuda_graphs,
                 threads=args.threads,
                 codec_threads=args.codec_threads,
                 quantize=args.quantize,
@@ -214,6 +215,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     switch(
         "--compile",
         "compile the code predictor's frame loop with torch.compile (CUDA graphs on a GPU); takes minutes at the first start (cached for later ones), falls back to uncompiled on failure",
+    )
+    switch(
+        "--no-cuda-graphs",
+        "on a GPU, run the code predictor's frame loop without recording it as CUDA graphs (recorded by default, unless --compile)",
     )
     option(
         "--max-batch",

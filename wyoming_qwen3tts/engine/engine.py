@@ -62,7 +62,7 @@ class SpeechEngine:
         try:
             for runtime in runtimes.values():
                 # On the model thread, which steps the model: see `ModelRuntime.warm_up`.
-                self.worker.submit(functools.partial(runtime.warm_up, batches=self.worker.max_batch > 1)).result()
+                self.worker.submit(functools.partial(runtime.warm_up, max_rows=self.worker.max_batch)).result()
         except BaseException:
             self.worker.stop()
             raise
@@ -137,6 +137,7 @@ class SpeechEngine:
                 folder,
                 compile=options.load.compile,
                 padded_attention=options.padded_attention(placement.device.type),
+                cuda_graphs=options.load.cuda_graphs,
             )
             _LOGGER.info(
                 "Loaded %s (%s) on %s as %s: %.0f MiB of model weights, %.0f MiB of codec%s",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cuda_graphs import CudaGraphRecorder
 from .kv_cache import KVSlots, PaddedRows, RowCaches, SlotKVCache, StaticKVCache
 from .layers import DecoderStack
 from .options import MIN_FRAMES
@@ -77,10 +78,12 @@ class FrameGenerator:
         compile: bool = False,
         padded_attention: bool = False,
         prefix_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        cuda_graphs: bool = True,
     ) -> None:
         """``padded_attention``: keep the rows' talker histories in one padded tensor and attend in
         one masked call per layer (`kv_cache.PaddedRows`), rather than one call per row.
-        ``prefix_budget_bytes``: memory for the histories of voices' prompt beginnings (0: none kept)."""
+        ``prefix_budget_bytes``: memory for the histories of voices' prompt beginnings (0: none kept).
+        ``cuda_graphs``: on a GPU, record the code predictor's loop as CUDA graphs (when not compiling)."""
         self.model = model
         talker = model.talker
         self.talker = talker
@@ -93,7 +96,8 @@ class FrameGenerator:
         self._talker_dims = (tcfg.num_hidden_layers, tcfg.num_key_value_heads, self.stack.head_dim)
         self.slots = KVSlots(*self._talker_dims, self.dtype, self.device) if padded_attention else None
         self.code_embeddings = (talker.get_input_embeddings(),) + tuple(talker.code_predictor.model.codec_embedding)
-        self.predictor = CodePredictorLoop(talker.code_predictor, talker.get_input_embeddings(), self.groups, compile)
+        recorder = CudaGraphRecorder() if cuda_graphs and self.device.type == "cuda" else None
+        self.predictor = CodePredictorLoop(talker.code_predictor, talker.get_input_embeddings(), self.groups, compile, recorder)
         self.prefixes = PromptPrefixCache(prefix_budget_bytes)
 
         vocab = tcfg.vocab_size
@@ -106,10 +110,10 @@ class FrameGenerator:
         self.frames_generated = 0  # every frame since load, all utterances: for monitoring and tests
         self.timings = StageTimings()  # seconds in the talker and the code predictor
 
-    def warm_up(self, sampling: SamplingOptions, batches: bool = True) -> None:
-        """Compile the code predictor for the checkpoint's default sampling, if compiling: for
-        single rows, and (``batches``) for batches of two rows or more."""
-        self.predictor.warm_up(PredictorSampling.of(sampling), (1, 2) if batches else (1,))
+    def warm_up(self, sampling: SamplingOptions, max_rows: int = 2) -> None:
+        """Compile (or record) the code predictor for the checkpoint's default sampling, if
+        compiling (or recording), for batches of up to ``max_rows`` rows."""
+        self.predictor.warm_up(PredictorSampling.of(sampling), max_rows)
 
     def _talker_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables [B, 1, n, head_dim] for ``positions`` [B, n]."""

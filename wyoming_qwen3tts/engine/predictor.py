@@ -5,8 +5,9 @@ one plain function with static shapes (step i always sees i + 2 positions), so t
 can be handed to `torch.compile`: on CPU the inductor fuses each step's small operations, on CUDA
 the "reduce-overhead" mode replays the whole loop as CUDA graphs. int8 weights enter the graph
 as one operator per product (`quantized_linear.py`), so their kernel runs and everything around
-it is fused; int4's kernel is a PyTorch operator already. Any compile or capture failure falls
-back to running the same function eagerly, once, with a warning.
+it is fused; int4's kernel is a PyTorch operator already. Uncompiled on a GPU, the loop is recorded
+as one CUDA graph per batch size (`cuda_graphs.py`) and replayed. Any compile or capture failure
+falls back to running the same function eagerly, once, with a warning.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import CudaGraphRecorder
 from .kv_cache import GrowingKVCache
 from .layers import DecoderStack
 from .quantized_linear import linear_of
@@ -54,7 +56,15 @@ class CodePredictorLoop:
     every frame), so the whole batch runs each step's layers together, with one attention call.
     """
 
-    def __init__(self, predictor, code0_embedding: torch.nn.Embedding, groups: int, compile: bool = False) -> None:
+    def __init__(
+        self,
+        predictor,
+        code0_embedding: torch.nn.Embedding,
+        groups: int,
+        compile: bool = False,
+        recorder: CudaGraphRecorder | None = None,
+    ) -> None:
+        """``recorder``: records the loop per batch size (`cuda_graphs.py`; used when not compiling)."""
         self.stack = DecoderStack.of(predictor.model, predictor.config)
         self.project = predictor.small_to_mtp_projection
         self.code0_table = code0_embedding.weight
@@ -74,6 +84,12 @@ class CodePredictorLoop:
         # Fixed input buffers per batch size: a compiled graph is specialised to its inputs'
         # strides and dispatch keys, and CUDA graphs read from fixed addresses.
         self._inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Recorded replays of the loop by batch size, for the one sampling configuration warmed up
+        # (the checkpoint's default, unseeded: what clients send); other requests run eagerly.
+        self.recorder = None if compile else recorder
+        self._recorded_key: tuple[PredictorSampling, int] | None = None
+        self._replays: dict[int, Callable[[], torch.Tensor]] = {}
+        self.recorded_frames = 0  # frames whose codebooks 1-15 came from a recorded replay
 
     def _width(self, sampling: PredictorSampling, stock_stream: bool) -> int:
         """Random numbers per choice: `noise_width`, or the vocabulary when greedy (no draws)."""
@@ -120,12 +136,23 @@ class CodePredictorLoop:
             return self._loop(last_hidden, code0, drawn, tuple(samplings))
         # One width for the batch: a seeded row among them makes every row draw for each code.
         width = max(self._width(sampling, source is not None and source.stock_stream) for source in noise)
+        # Before the inputs are filled: a first recording for this batch size checks itself on them.
+        replay = self._replay(sampling, width, rows) if (sampling, width) == self._recorded_key else None
         hidden_in, code0_in, noise_in = self._buffers(rows, width)
         drawn = None
         if sampling.do_sample:
             for row, source in zip(noise_in, noise):
                 source.fill(row)
             drawn = noise_in
+        if replay is not None:
+            hidden_in.copy_(last_hidden)
+            code0_in.copy_(code0)
+            try:
+                codes = replay().clone()  # the next replay overwrites its output
+                self.recorded_frames += rows
+                return codes
+            except Exception as error:  # noqa: BLE001 - any replay failure means: run eagerly
+                self._give_up_recording(error)
         compiled = self._compiled.get((sampling, width))
         if compiled is not None:
             hidden_in.copy_(last_hidden)
@@ -146,18 +173,30 @@ class CodePredictorLoop:
         # Compiled CUDA graphs reuse their output buffer on the next replay: copy it out.
         return compiled(hidden, code0, noise).clone()
 
-    def warm_up(self, sampling: PredictorSampling, batch_sizes: Sequence[int] = (1, 2)) -> None:
-        """Compile the loop for ``sampling`` now, before the first request.
+    def warm_up(self, sampling: PredictorSampling, max_rows: int = 2) -> None:
+        """Compile (or record) the loop for ``sampling`` now, before the first request, for
+        batches of up to ``max_rows``.
 
-        Only this sampling configuration (the checkpoint's default) runs compiled, and only for
-        unseeded requests (what clients send; a seeded one draws the stock numbers, for every
-        code); any other request runs eagerly rather than stall everyone behind a compile. One
-        graph is made for single rows and one for batches (any size from two up).
+        Only this sampling configuration (the checkpoint's default) runs compiled or recorded, and
+        only for unseeded requests (what clients send; a seeded one draws the stock numbers, for
+        every code); any other request runs eagerly rather than stall everyone behind a compile.
+        Compiling makes one graph for single rows and one for batches (any size from two up);
+        recording makes one per batch size, every size now, so that no step records later while
+        the decode threads use the GPU (a batch larger than ``max_rows`` records at its first step).
         """
         width = self._width(sampling, stock_stream=False)
         key = (sampling, width)
+        if self.recorder is not None:
+            self._recorded_key = key
+            started = time.monotonic()
+            if all(self._replay(sampling, width, rows) is not None for rows in range(1, max_rows + 1)):
+                _LOGGER.info(
+                    "Code predictor recorded as CUDA graphs for batches of 1 to %d rows in %.1f s", max_rows, time.monotonic() - started
+                )
+            return
         if not self.compile or key in self._compiled:
             return
+        batch_sizes = (1, 2) if max_rows > 1 else (1,)
         cuda = self.device.type == "cuda"
         try:
             self._compiled[key] = torch.compile(
@@ -182,6 +221,41 @@ class CodePredictorLoop:
             self._give_up_compiling(error)
             return
         _LOGGER.info("Code predictor compiled in %.1f s", time.monotonic() - started)
+
+    def _replay(self, sampling: PredictorSampling, width: int, rows: int) -> Callable[[], torch.Tensor] | None:
+        """The recorded loop for ``rows``, recorded now if it is the first batch of that size; None
+        when recording is off or failed. A new recording must give the eager loop's very codes."""
+        replay = self._replays.get(rows)
+        if replay is not None or self.recorder is None:
+            return replay
+        hidden, code0, noise = self._buffers(rows, width)
+        drawn = noise if sampling.do_sample else None
+        try:
+            with torch.inference_mode():  # as in generation
+                replay = self.recorder.record(lambda: self._loop(hidden, code0, drawn, sampling))
+                generator = torch.Generator().manual_seed(rows)
+                hidden.copy_(torch.randn(hidden.shape, generator=generator))
+                code0.copy_(torch.randint(self.vocab, code0.shape, generator=generator))
+                noise.copy_(torch.empty(noise.shape).exponential_(generator=generator))
+                expected = self._loop(hidden.clone(), code0.clone(), None if drawn is None else noise.clone(), sampling)
+                if not torch.equal(replay(), expected):
+                    raise RuntimeError(f"the replay for {rows} rows chose other codes than the loop run eagerly")
+        except Exception as error:  # noqa: BLE001 - no CUDA graphs here, a kernel that cannot be recorded, ...
+            self._give_up_recording(error)
+            return None
+        self._replays[rows] = replay
+        return replay
+
+    def _give_up_recording(self, error: Exception) -> None:
+        _LOGGER.warning(
+            "Recording the code predictor as CUDA graphs failed (%s: %s); running it unrecorded from now on. "
+            "Speech is the same, only slower; --no-cuda-graphs skips the attempt.",
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+        )
+        self.recorder = None
+        self._recorded_key = None
+        self._replays.clear()
 
     def _give_up_compiling(self, error: Exception) -> None:
         _LOGGER.warning(

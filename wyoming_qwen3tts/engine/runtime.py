@@ -43,10 +43,12 @@ class ModelRuntime:
         folder: Path | None = None,
         compile: bool = False,
         padded_attention: bool = False,
+        cuda_graphs: bool = True,
     ) -> "ModelRuntime":
-        """The runtime of a loaded checkpoint; with ``compile``, `warm_up` compiles it."""
+        """The runtime of a loaded checkpoint; with ``compile``, `warm_up` compiles it (on a GPU
+        with ``cuda_graphs`` and without ``compile``, it records it as CUDA graphs)."""
         sampling = SamplingOptions.from_generation_config(wrapper.generate_defaults)
-        frames = FrameGenerator(wrapper.model, compile=compile, padded_attention=padded_attention)
+        frames = FrameGenerator(wrapper.model, compile=compile, padded_attention=padded_attention, cuda_graphs=cuda_graphs)
         return cls(
             wrapper=wrapper,
             frames=frames,
@@ -55,11 +57,11 @@ class ModelRuntime:
             folder=folder,
         )
 
-    def warm_up(self, batches: bool) -> None:
-        """Compile the code predictor now, if compiling (for batches of two rows or more too, with
-        ``batches``). Call it on the thread that will step the model: PyTorch keeps CUDA graphs
-        per thread, and graphs recorded on another would be recorded again by the first requests."""
-        self.frames.warm_up(self.sampling, batches=batches)
+    def warm_up(self, max_rows: int) -> None:
+        """Compile (or record) the code predictor now, if compiling (or recording), for batches of
+        up to ``max_rows``. Call it on the thread that will step the model: PyTorch keeps compiled
+        CUDA graphs per thread, and graphs made on another would be made again by the first requests."""
+        self.frames.warm_up(self.sampling, max_rows)
 
     def prepare(self, utterance: Utterance) -> None:
         """Take the text that arrived into the prompt, and prefill once the prompt can start."""
