@@ -1,7 +1,7 @@
 """The model alone, without the server: one batched frame step by rows, and the codec's decode.
 
     python benchmarks/step_probe.py --checkpoint CKPT [--device cuda] [--rows 1,4,8,16] [--compile]
-                                    [--threads 1,2,4,8] [--codec-chunks 1,12]
+                                    [--no-cuda-graphs] [--threads 1,2,4,8] [--codec-chunks 1,12]
 
 For each row count: the wall time of one frame step of that many streams (talker, code
 predictor, the whole step), the frames per second the model alone could give them, one
@@ -9,7 +9,9 @@ request's prefill, and one codec call decoding a chunk of every row (1 frame, th
 `bench.py`, which measures the same streams through the Wyoming server, it says whether a
 batch's shortfall is the model's or the serving's (scheduling, prefills, decoding, the
 interpreter lock). With ``--compile`` it
-first compiles the code predictor as the server does and prints how long that took. Each
+first compiles the code predictor as the server does and prints how long that took; on a GPU
+without it, it records the code predictor as CUDA graphs as the server does (for batches up to
+the largest row count) and prints how long that took, unless ``--no-cuda-graphs``. Each
 line is printed as soon as it is measured, so a run stopped at a time limit still says what it
 got; SIGUSR1 prints every thread's stack (`script/device-check` sends it at a step's limit).
 On a CPU, ``--threads`` repeats every row count at each number of PyTorch threads: how a step of
