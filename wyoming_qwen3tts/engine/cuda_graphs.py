@@ -3,9 +3,10 @@
 On a GPU the code predictor's 15 steps of a frame are about 4,400 small operators, and each costs
 host time to launch (the talker's attention operators took about 13 µs each on the H200 machine,
 BENCHMARKS.md "device check: talker attention"; at that rate, an estimate, some 60 ms of host time
-a frame for a few milliseconds of GPU work, at any batch size). A CUDA graph records the kernels of one run and replays them all with one call. This is
-PyTorch's own recording (`torch.cuda.CUDAGraph`), without torch.compile: it takes two eager runs
-and the recording, where compiling took minutes.
+a frame for a few milliseconds of GPU work, at any batch size). A CUDA graph records the kernels
+of one run and replays them all with one call. This is PyTorch's own recording
+(`torch.cuda.CUDAGraph`), without torch.compile: it takes two eager runs and the recording, where
+compiling took minutes.
 
 A recorded function must read only tensors that stay where they are (its inputs are filled in
 place before each replay) and do nothing on the host that depends on values on the GPU; its

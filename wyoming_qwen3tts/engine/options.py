@@ -49,7 +49,7 @@ class LoadOptions:
     # a compile at start-up, pays where per-operation overhead dominates (GPUs, small models).
     compile: bool = False
     # On a GPU, record the code predictor's frame loop as CUDA graphs when not compiling: one
-    # replay instead of launching ~4,400 operators a frame, recorded in a fraction of a second.
+    # replay instead of launching ~4,400 operators a frame, recorded at start-up without a compiler.
     cuda_graphs: bool = True
     # PyTorch's CPU threads; 0: automatic. A float32 frame on CPU is bound by memory bandwidth,
     # which one thread already saturates on small machines, and a thread spinning on the last
