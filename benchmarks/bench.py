@@ -216,13 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # script/device-check: where a step at its limit was
 
     load = LoadOptions(
-        device=args.device,
-        dtype=args.dtype,
-        compile=args.compile,
-        cuda_graphs=not args.no_cuda_graphs,
-        threads=args.threads,
-        quantize=args.quantize,
-        codec_threads=args.codec_threads,
+        device=args.device, dtype=args.dtype, compile=args.compile, cuda_graphs=not args.no_cuda_graphs, threads=args.threads,
+        quantize=args.quantize, codec_threads=args.codec_threads,
     )
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     codecs = [c.strip() for c in args.codec_process.split(",") if c.strip()]

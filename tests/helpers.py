@@ -219,3 +219,14 @@ def drain(runtime, utterance):
             chunks.append(chunk)
             codes.append(frames)
     return chunks, torch.cat(codes) if codes else torch.zeros(0, 16, dtype=torch.long)
+
+
+def generate_rows(generator, prompts, samplings, frames: int) -> list[torch.Tensor]:
+    """Each prompt's codes [frames, 16], all of them stepped together in batched steps of a `FrameGenerator`."""
+    states = [generator.prefill(p, s, frames) for p, s in zip(prompts, samplings)]
+    codes = [[] for _ in states]
+    while not all(state.finished for state in states):
+        for row, frame in zip(codes, generator.step(states)):
+            if frame is not None:
+                row.append(frame)
+    return [torch.stack(row) for row in codes]

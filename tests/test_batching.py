@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from helpers import TEXTS, CodeRecorder
+from helpers import TEXTS, CodeRecorder, generate_rows
 
 from wyoming_qwen3tts.engine import predictor as predictor_module
 from wyoming_qwen3tts.engine import sampling as sampling_module
@@ -64,13 +64,7 @@ def prompts(wrapper, count: int = 4):
 
 
 def run_batch(generator: FrameGenerator, prompts_, samplings) -> list[torch.Tensor]:
-    states = [generator.prefill(p, s, FRAMES) for p, s in zip(prompts_, samplings)]
-    codes: list[list[torch.Tensor]] = [[] for _ in states]
-    while not all(s.finished for s in states):
-        for row, frame in zip(codes, generator.step(states)):
-            if frame is not None:
-                row.append(frame)
-    return [torch.stack(row) for row in codes]
+    return generate_rows(generator, prompts_, samplings, FRAMES)
 
 
 def assert_same_or_parted_at_a_near_tie(alone: torch.Tensor, batched: torch.Tensor, margins: list[float], near_tie: float = NEAR_TIE) -> None:

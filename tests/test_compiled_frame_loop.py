@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from helpers import MAX_NEW_TOKENS, TEXTS, official_greedy_codes_and_audio, official_seeded_codes
+from helpers import MAX_NEW_TOKENS, TEXTS, generate_rows, official_greedy_codes_and_audio, official_seeded_codes
 
 from wyoming_qwen3tts.engine import predictor as predictor_module
 from wyoming_qwen3tts.engine.engine import SpeechEngine
@@ -170,13 +170,7 @@ def test_a_compiled_batch_gives_the_uncompiled_batch_s_codes(
     samplings = [default_sampling.with_seed(30 + i) for i in range(3)]
 
     def batch(generator):
-        states = [generator.prefill(p, s, FRAMES) for p, s in zip(prompts, samplings)]
-        codes = [[] for _ in states]
-        while not all(state.finished for state in states):
-            for row, frame in zip(codes, generator.step(states)):
-                if frame is not None:
-                    row.append(frame)
-        return [torch.stack(row) for row in codes]
+        return generate_rows(generator, prompts, samplings, FRAMES)
 
     compiled_before = compiled_generator.predictor.compiled_frames
     ours = batch(compiled_generator)

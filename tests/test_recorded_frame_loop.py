@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from helpers import MAX_NEW_TOKENS, TEXTS
+from helpers import MAX_NEW_TOKENS, TEXTS, generate_rows
 
 from wyoming_qwen3tts.engine import predictor as predictor_module
 from wyoming_qwen3tts.engine.generate import FrameGenerator
@@ -63,13 +63,7 @@ def recording_generator(model, default_sampling, recorder: ReplayingRecorder) ->
 
 
 def run_streams(generator: FrameGenerator, prompts, samplings) -> list[torch.Tensor]:
-    states = [generator.prefill(p, s, FRAMES) for p, s in zip(prompts, samplings)]
-    codes = [[] for _ in states]
-    while not all(state.finished for state in states):
-        for row, frame in zip(codes, generator.step(states)):
-            if frame is not None:
-                row.append(frame)
-    return [torch.stack(row) for row in codes]
+    return generate_rows(generator, prompts, samplings, FRAMES)
 
 
 def test_a_recorded_loop_replays_the_eager_codes_and_records_each_batch_size_once(

@@ -247,23 +247,13 @@ class CodePredictorLoop:
         return replay
 
     def _give_up_recording(self, error: Exception) -> None:
-        _LOGGER.warning(
-            "Recording the code predictor as CUDA graphs failed (%s: %s); running it unrecorded from now on. "
-            "Speech is the same, only slower; --no-cuda-graphs skips the attempt.",
-            type(error).__name__,
-            str(error).splitlines()[0] if str(error) else "",
-        )
+        _warn_running_eagerly("Recording the code predictor as CUDA graphs failed", error, "unrecorded", "--no-cuda-graphs skips the attempt")
         self.recorder = None
         self._recorded_key = None
         self._replays.clear()
 
     def _give_up_compiling(self, error: Exception) -> None:
-        _LOGGER.warning(
-            "torch.compile failed for the code predictor (%s: %s); running it uncompiled from now on. "
-            "Speech is the same, only slower; leave out --compile to skip the attempt.",
-            type(error).__name__,
-            str(error).splitlines()[0] if str(error) else "",
-        )
+        _warn_running_eagerly("torch.compile failed for the code predictor", error, "uncompiled", "leave out --compile to skip the attempt")
         self.compile = False
         self._compiled.clear()
 
@@ -306,3 +296,14 @@ class CodePredictorLoop:
                 for i, (row, row_noise) in enumerate(zip(sampling, noise))
             ]
         )
+
+
+def _warn_running_eagerly(what: str, error: Exception, how: str, advice: str) -> None:
+    _LOGGER.warning(
+        "%s (%s: %s); running it %s from now on. Speech is the same, only slower; %s.",
+        what,
+        type(error).__name__,
+        str(error).splitlines()[0] if str(error) else "",
+        how,
+        advice,
+    )
