@@ -29,17 +29,20 @@ from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions,
 
 GREEDY = SamplingOptions().greedy()
 NEAR_TIE = 1e-4
-BFLOAT16_TIE = 0.05  # a score of about 10 in bfloat16 is rounded to 1/16
+# Relative to the best score: two bfloat16 steps (a score of 8 to 16 is rounded to 1/16 there).
+BFLOAT16_TIE = 2 * 2**-7
 FRAMES = 24
 STREAM_TEXTS = TEXTS + ["Set a timer for ten minutes."]
 SPEAKERS = ["ryan", "vivian", "aiden", "serena"]
 
 
 class ChoiceMargins:
-    """The gap between the best and the second-best score of every code chosen, in order."""
+    """The gap between the best and the second-best score of every code chosen, in order (and
+    that gap over the best score's magnitude, in ``relative``)."""
 
     def __init__(self, monkeypatch) -> None:
         self.margins: list[float] = []
+        self.relative: list[float] = []
         original = sampling_module.choose_with_noise
 
         def recording(logits, noise, temperature, top_k, top_p):
@@ -53,6 +56,7 @@ class ChoiceMargins:
                 scores = probs.log() - noise.log()
             top = scores.float().topk(2, dim=-1).values
             self.margins.extend((top[:, 0] - top[:, 1]).tolist())
+            self.relative.extend(((top[:, 0] - top[:, 1]) / top[:, 0].abs().clamp_min(1e-30)).tolist())
             return original(logits, noise, temperature, top_k, top_p)
 
         monkeypatch.setattr(sampling_module, "choose_with_noise", recording)
@@ -438,7 +442,9 @@ def test_half_precision_weights_on_a_cpu_multiply_one_row_a_batch_and_a_prompt(d
 
 def test_bfloat16_streams_on_a_cpu_share_steps_and_each_gets_its_codes_alone(checkpoints, monkeypatch):
     """Eight rows: the step's products and the prompts' run in float32 on an AVX2 CPU, one row's in
-    bfloat16. Divergence is allowed only where the two best scores lay within bfloat16's rounding."""
+    bfloat16 (where a CPU computes in bfloat16, its kernels for one row and for eight may round
+    differently). Divergence is allowed only where the two best scores lay within two bfloat16
+    steps of each other (on the tiny checkpoint 15 % of choices, 2.6 % exact ties)."""
     wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="none", dtype="bfloat16")))
     generator = FrameGenerator(wrapper.model)
     texts = [build_prompt(wrapper, STREAM_TEXTS[i % 4] + " Then" * i, PresetSpeaker(SPEAKERS[i % 4]), "english") for i in range(8)]
@@ -447,7 +453,7 @@ def test_bfloat16_streams_on_a_cpu_share_steps_and_each_gets_its_codes_alone(che
         recorder = ChoiceMargins(monkeypatch)
         alone = run_batch(generator, [prompt], [GREEDY])[0]
         assert alone.shape == codes.shape == (FRAMES, 16)
-        assert_same_or_parted_at_a_near_tie(alone, codes, recorder.margins, near_tie=BFLOAT16_TIE)
+        assert_same_or_parted_at_a_near_tie(alone, codes, recorder.relative, near_tie=BFLOAT16_TIE)
 
 
 def test_unseeded_rows_draw_exponential_noise_and_seeded_rows_the_stock_numbers():
