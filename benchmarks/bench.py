@@ -337,7 +337,7 @@ def _free_port() -> int:
 def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_share: float, recorded_share: float, padded: bool) -> str:
     if args.compile:
         predictor = f"compiled ({compiled_share:.0%} of our frames came from the compiled loop)"
-    elif str(device).startswith("cuda") and not args.no_cuda_graphs:
+    elif device.type == "cuda" and not args.no_cuda_graphs:
         predictor = f"uncompiled, recorded as CUDA graphs ({recorded_share:.0%} of our frames came from a replay)"
     else:
         predictor = "uncompiled"

@@ -1,9 +1,10 @@
 """Recording a function as a CUDA graph, to be replayed with one call instead of relaunching it.
 
 On a GPU the code predictor's 15 steps of a frame are about 4,400 small operators, and each costs
-host time to launch (the talker's attention operators took about 13 µs each on the H200 machine,
-BENCHMARKS.md "device check: talker attention"; at that rate, an estimate, some 60 ms of host time
-a frame for a few milliseconds of GPU work, at any batch size). A CUDA graph records the kernels
+host time to launch (the talker's attention took 4 to 14 µs per operator on the H200 machine,
+its time over its operators in BENCHMARKS.md "device check: talker attention"; at those rates, an
+estimate, some 20 to 60 ms of host time a frame for a few milliseconds of GPU work, at any batch
+size). A CUDA graph records the kernels
 of one run and replays them all with one call. This is PyTorch's own recording
 (`torch.cuda.CUDAGraph`), without torch.compile: it takes two eager runs and the recording, where
 compiling took minutes.
