@@ -266,8 +266,13 @@ def build_checkpoint(
     size: str = "tiny",
     seed: int = 0,
     text_vocabulary: Path | None = None,
+    model_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a random-weight checkpoint folder and return its path.
+
+    ``model_dtype``: how the file stores the model (the codec is float32 either way); None: as
+    published for real sizes (bfloat16), float32 for tiny ones (the tests' models use the weights
+    as drawn).
 
     ``text_vocabulary``: Qwen's BPE ranks file (``qwen.tiktoken``) for a tokenizer that splits
     text as the real model's does; without it, a small trained one.
@@ -286,7 +291,7 @@ def build_checkpoint(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # HF initialisers draw from the global generator
     # As published: the model in bfloat16, the codec in float32.
-    save_dtype = torch.bfloat16 if size == "real-0.6b" else torch.float32
+    save_dtype = model_dtype or (torch.bfloat16 if size == "real-0.6b" else torch.float32)
 
     if text_vocabulary is not None:
         ids = write_qwen_tokenizer(out, read_ranks(Path(text_vocabulary)))

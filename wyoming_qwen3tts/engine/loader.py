@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..speech import BackendUnavailableError
+from .allocator import release_free_memory
 from .download_progress import DownloadProgress, repository_bytes
 from .options import LoadOptions
 from .quantize import quantize_talker, resolve_mode
 from .quantized_linear import quantized_bytes
 from .qwen_import import import_qwen_tts
+from .stored_precision import narrower, stored_float_dtype, widen_all_but_text_embedding
 
 if TYPE_CHECKING:
     from qwen_tts import Qwen3TTSModel
@@ -211,21 +213,41 @@ def keep_text_embedding_on_cpu(wrapper: "Qwen3TTSModel") -> int:
 
 
 def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool = False) -> "Qwen3TTSModel":
-    """Load a checkpoint folder with the official `Qwen3TTSModel.from_pretrained`."""
+    """Load a checkpoint folder with the official `Qwen3TTSModel.from_pretrained`.
+
+    On a CPU a model stored narrower than it runs (the published bfloat16 talker, run in float32)
+    is loaded as stored, quantized, and only then widened; its text embedding stays as stored
+    (`stored_precision.py`: the same numbers, in less memory).
+    """
     qwen_tts = import_qwen_tts()
+    stored = stored_float_dtype(folder / "model.safetensors")
+    narrow = placement.device.type == "cpu" and narrower(stored, placement.dtype)
+    load_dtype = stored if narrow else placement.dtype
     wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
         str(folder),
-        dtype=placement.dtype,
+        dtype=load_dtype,
         attn_implementation=placement.attention,
         device_map=str(placement.device),
     )
     wrapper.model.eval()
-    codec = wrapper.model.speech_tokenizer.model
-    if placement.device.type == "cpu" and placement.dtype != torch.float32:
-        # CPUs have no fast reduced-precision convolutions: keep the codec in float32.
-        codec.to(torch.float32)
-    codec.eval()
+    if placement.device.type == "cpu" and load_dtype != torch.float32:
+        # The package loads the codec in the model's dtype, rounding its float32 file; CPUs have no
+        # fast reduced-precision convolutions, so it runs in float32: load it again, as stored.
+        wrapper.model.load_speech_tokenizer(
+            qwen_tts.Qwen3TTSTokenizer.from_pretrained(str(folder / "speech_tokenizer"), dtype=torch.float32, device_map="cpu")
+        )
+        release_free_memory()
+    wrapper.model.speech_tokenizer.model.eval()
     quantize_talker(wrapper.model, placement.quantize)
+    if narrow:
+        kept = widen_all_but_text_embedding(wrapper.model, placement.dtype, folder / "model.safetensors")
+        release_free_memory()
+        _LOGGER.info(
+            "Loaded the weights as stored (%s) and widened them to %s after quantizing, all but the text embedding (%.0f MiB as stored)",
+            str(stored).removeprefix("torch."),
+            str(placement.dtype).removeprefix("torch."),
+            kept / 2**20,
+        )
     if text_embedding_on_cpu:
         freed = keep_text_embedding_on_cpu(wrapper)
         _LOGGER.info("Text embedding kept in CPU memory (%.0f MiB freed on %s)", freed / 2**20, placement.device)
