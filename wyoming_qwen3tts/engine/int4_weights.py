@@ -58,7 +58,9 @@ class Int4Weights:
             torch.stack((scales.squeeze(-1), zeros.squeeze(-1)), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         )
         self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.bias = None if bias is None else bias.detach()
+        # float32, as int8 keeps it: a bfloat16 bias loaded as stored is a view of the file, whose
+        # whole mapping it would keep (`stored_precision.py`).
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
         self.out_features, self.in_features = out_features, in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
