@@ -345,9 +345,19 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="Qwen's BPE ranks (qwen.tiktoken; python -m wyoming_qwen3tts.dev.qwen_vocabulary fetches it)",
     )
+    parser.add_argument(
+        "--model-dtype",
+        choices=("float32", "bfloat16"),
+        help="how the file stores the model (default: bfloat16 for real sizes, as published; float32 for tiny)",
+    )
     args = parser.parse_args(argv)
     path = build_checkpoint(
-        args.out, kind=args.kind, size=args.size, seed=args.seed, text_vocabulary=args.text_vocabulary
+        args.out,
+        kind=args.kind,
+        size=args.size,
+        seed=args.seed,
+        text_vocabulary=args.text_vocabulary,
+        model_dtype=getattr(torch, args.model_dtype) if args.model_dtype else None,
     )
     print(path)
 

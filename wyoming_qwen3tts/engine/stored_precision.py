@@ -2,15 +2,15 @@
 
 The published checkpoints store the talker in bfloat16 and the codec in float32. On a CPU the
 talker runs in float32 (with int8 weights by default). Loaded straight in float32, every weight
-is widened in memory before any is quantized: the 0.6B model's process peaked at 5.6 GB (4.4 GB
-of it its own memory, the rest the file's pages) to settle at 2.4 GB with int8 weights. Loaded as
-stored, the talker is quantized from its bfloat16 weights and what stays float is widened
-module by module, so the peak stays near the result.
+was widened in memory before any was quantized: the int8 0.6B server's own memory peaked at
+4.3 GiB while loading and held 2.6 GiB after its first reply. Loaded as stored, the talker is
+quantized from its bfloat16 weights and what stays float is widened one tensor at a time, so the
+peak stays near the result: 1.1 and 1.5 GiB (BENCHMARKS.md, "memory from start to first reply").
 
 The text embedding (311 M of the 0.6B model's 906 M weights) is only read while a prompt is
 built, a row per text token: it stays as stored, and its rows are widened as they are looked up.
 Widening bfloat16 to float32 is exact, so every number the model computes is the same as when it
-was loaded in float32; only the memory differs (0.6 GB less for the 0.6B model).
+was loaded in float32; only the memory differs (0.6 GiB less for the 0.6B model).
 """
 
 from __future__ import annotations
