@@ -230,3 +230,12 @@ def generate_rows(generator, prompts, samplings, frames: int) -> list[torch.Tens
             if frame is not None:
                 row.append(frame)
     return [torch.stack(row) for row in codes]
+
+
+def greedy_frames(wrapper, frames: int) -> torch.Tensor:
+    """Codes [frames, 16] of one greedy sentence in Ryan's voice, stepped alone by a `FrameGenerator`."""
+    from wyoming_qwen3tts.engine.generate import FrameGenerator
+    from wyoming_qwen3tts.speech import SamplingOptions
+
+    prompt = build_prompt(wrapper, "Good night, sleep well.", PresetSpeaker("ryan"), "english")
+    return generate_rows(FrameGenerator(wrapper.model), [prompt], [SamplingOptions().greedy()], frames)[0]

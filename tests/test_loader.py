@@ -185,27 +185,17 @@ def test_the_package_works_where_torchaudio_sox_and_onnxruntime_are_broken(check
 
 
 def test_the_text_embedding_can_live_in_cpu_memory_without_changing_the_codes(checkpoints, cpu_placement):
-    from wyoming_qwen3tts.engine.generate import FrameGenerator
+    from helpers import greedy_frames
+
     from wyoming_qwen3tts.engine.loader import CpuEmbedding, load_model
-    from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
-    from wyoming_qwen3tts.speech import SamplingOptions
 
     import torch
-
-    def codes(wrapper):
-        generator = FrameGenerator(wrapper.model)
-        prompt = build_prompt(wrapper, "Good night, sleep well.", PresetSpeaker("ryan"), "english")
-        state = generator.prefill(prompt, SamplingOptions().greedy(), 12)
-        frames = []
-        while (frame := generator.step([state])[0]) is not None:
-            frames.append(frame)
-        return torch.stack(frames)
 
     plain = load_model(checkpoints["custom_voice"], cpu_placement)
     offloaded = load_model(checkpoints["custom_voice"], cpu_placement, text_embedding_on_cpu=True)
     embedding = offloaded.model.talker.get_text_embeddings()
     assert isinstance(embedding, CpuEmbedding) and embedding.weight.device.type == "cpu"
-    assert torch.equal(codes(plain), codes(offloaded))
+    assert torch.equal(greedy_frames(plain, 12), greedy_frames(offloaded, 12))
     # The official path reads the embedding through the same accessor.
     wavs, _sr = offloaded.generate_custom_voice("Hi.", speaker="ryan", language="english", max_new_tokens=4)
     assert len(wavs[0]) == 3 * 1920

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import greedy_frames
 from safetensors.torch import save_file
 
 from wyoming_qwen3tts.dev.tiny_checkpoint import build_checkpoint
-from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
-from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.quantize import QuantizedLinear, quantize_talker
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 from wyoming_qwen3tts.engine.stored_precision import WideningEmbedding, narrower, stored_float_dtype, table_of_its_own, widen
-from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +36,6 @@ def tensors(wrapper) -> dict[str, torch.Tensor]:
         for name, tensor in (*module.named_parameters(), *module.named_buffers()):
             found[prefix + name.replace("text_embedding.embedding.", "text_embedding.")] = tensor
     return found
-
-
-def greedy_codes(wrapper) -> torch.Tensor:
-    generator = FrameGenerator(wrapper.model)
-    prompt = build_prompt(wrapper, "Good night, sleep well.", PresetSpeaker("ryan"), "english")
-    state = generator.prefill(prompt, SamplingOptions().greedy(), 10)
-    frames = []
-    while (frame := generator.step([state])[0]) is not None:
-        frames.append(frame)
-    return torch.stack(frames)
 
 
 @pytest.mark.parametrize("mode", ["none", "int8"])
@@ -79,7 +67,7 @@ def test_a_bfloat16_checkpoint_loaded_as_stored_has_the_very_weights_and_codes_o
         if isinstance(module, QuantizedLinear):
             x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
             assert torch.equal(quantized[name](x), module(x)), name
-    assert torch.equal(greedy_codes(stored), greedy_codes(widened_first))
+    assert torch.equal(greedy_frames(stored, 10), greedy_frames(widened_first, 10))
 
 
 def test_on_a_cpu_the_codec_keeps_its_stored_float32_weights_when_the_model_runs_in_bfloat16(bfloat16_checkpoint):
