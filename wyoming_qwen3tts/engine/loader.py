@@ -243,7 +243,7 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
         kept = widen_all_but_text_embedding(wrapper.model, placement.dtype, folder / "model.safetensors")
         release_free_memory()
         _LOGGER.info(
-            "Loaded the weights as stored (%s) and widened them to %s after quantizing, all but the text embedding (%.0f MiB as stored)",
+            "Loaded the weights as stored (%s) and widened them to %s after quantizing, all but the text embedding (%.1f MiB as stored)",
             str(stored).removeprefix("torch."),
             str(placement.dtype).removeprefix("torch."),
             kept / 2**20,
