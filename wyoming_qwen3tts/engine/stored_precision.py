@@ -34,9 +34,8 @@ def stored_float_dtype(weights: Path) -> torch.dtype | None:
 
 
 def narrower(stored: torch.dtype | None, wanted: torch.dtype) -> bool:
-    """Whether weights stored as ``stored`` widen exactly to ``wanted`` and take less memory as stored."""
-    widens_exactly = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.float32, torch.float64), torch.float32: (torch.float64,)}
-    return stored is not None and wanted in widens_exactly.get(stored, ())
+    """Whether weights stored as ``stored`` take less memory as stored and widen exactly to ``wanted``."""
+    return stored in (torch.bfloat16, torch.float16) and wanted == torch.float32
 
 
 def table_of_its_own(weights: Path, name: str, loaded: torch.Tensor) -> torch.Tensor:
@@ -74,33 +73,17 @@ class WideningEmbedding(torch.nn.Module):
         return self.embedding(ids).to(self.dtype)
 
 
-def widen(model: torch.nn.Module, dtype: torch.dtype, keep: torch.nn.Module) -> None:
-    """Convert ``model``'s floating parameters and buffers to ``dtype`` one tensor at a time, all
-    but those of ``keep``, so that no second copy of the whole model exists at any moment.
-    Parameters keep their identity (a weight two modules share stays shared)."""
-    kept = {id(tensor) for tensor in (*keep.parameters(), *keep.buffers())}
-    widened: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by the old buffer's id: (old, new)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.is_floating_point() and parameter.dtype != dtype and id(parameter) not in kept:
-                parameter.data = parameter.data.to(dtype)
-        for module in model.modules():
-            for name, buffer in list(module._buffers.items()):
-                if buffer is None or not buffer.is_floating_point() or buffer.dtype == dtype or id(buffer) in kept:
-                    continue
-                if id(buffer) not in widened:
-                    widened[id(buffer)] = (buffer, buffer.to(dtype))
-                module._buffers[name] = widened[id(buffer)][1]
-
-
 def widen_all_but_text_embedding(model: torch.nn.Module, dtype: torch.dtype, weights: Path) -> int:
     """Widen a loaded Qwen3-TTS model (`Qwen3TTSForConditionalGeneration`) to ``dtype``, all but
     its talker's text embedding, which stays as stored in ``weights`` (on a mapping of its own)
     and widens the rows it looks up; returns the bytes the embedding keeps."""
     talker_model = model.talker.model
     embedding = talker_model.text_embedding
-    widen(model, dtype, keep=embedding)
     name = next(name for name, tensor in model.named_parameters() if tensor is embedding.weight)
+    # Out of the module tree while the rest widens: `Module.to` converts one tensor at a time, so
+    # no second copy of the model exists at any moment, and parameters keep their identity.
+    talker_model.text_embedding = torch.nn.Identity()
+    model.to(dtype)
     table = table_of_its_own(weights, name, embedding.weight.detach())
     embedding.weight = torch.nn.Parameter(table, requires_grad=embedding.weight.requires_grad)
     talker_model.text_embedding = WideningEmbedding(embedding, dtype)
