@@ -33,6 +33,7 @@ from bench import machine
 from report import publish
 from wyoming_clients import TEXT
 
+from wyoming_qwen3tts.engine.huge_pages import move_weights_to_huge_pages
 from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.runtime import ModelRuntime
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     placement = resolve_placement(LoadOptions(device=args.device, quantize=args.quantize, compile=args.compile))
     wrapper = load_model(Path(args.checkpoint), placement)
+    if placement.device.type == "cpu":
+        move_weights_to_huge_pages()  # as the server does once its models are loaded
     padded = placement.device.type == "cuda" if args.batch_attention is None else args.batch_attention == "padded"
     runtime = ModelRuntime.create(wrapper, compile=args.compile, padded_attention=padded, cuda_graphs=not args.no_cuda_graphs)
     recording = runtime.frames.predictor.recorder is not None

@@ -16,6 +16,7 @@ from ..speech import AudioChunk, ClonePrompt, CloneSource, PresetSpeaker, Reques
 from .clone_cache import ClonePromptCache, checkpoint_identity, prompt_key
 from .codec_process import CodecProcess, CodecProcessError
 from .allocator import ADVICE, memory_allocator
+from .huge_pages import move_weights_to_huge_pages
 from .loader import codec_threads, load_model, parameter_bytes, resolve_checkpoint, resolve_placement, usable_cores
 from .options import CPU_DECODE_FRAMES, CPU_DECODE_THREADS, EngineOptions, LoadOptions
 from .prompt import DualTrackPrompt, build_prompt, resolve_language
@@ -91,6 +92,8 @@ class SpeechEngine:
         codec_process = cls._codec_process(placement, options.load) if options.codec_process else None
         try:
             cls._load_models(options, placement, runtimes, codec_process)
+            if placement.device.type == "cpu":
+                move_weights_to_huge_pages()
             return cls(runtimes, options)
         except BaseException:
             cls._close_decoders(runtimes)
