@@ -22,13 +22,13 @@ sentence given up front; cost per frame is the utterance's wall time divided by 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from bench import machine
+from child_result import run_child
 from report import write_report
 from wyoming_clients import TEXT
 
@@ -109,15 +109,8 @@ print("RESULT " + json.dumps({"seconds": best[0], "frames": best[1], "first_audi
 """
 
 
-def result_of(output: str) -> dict:
-    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-
-
 def run_script(python: str, script: str, *args: str) -> dict:
-    done = subprocess.run([python, "-c", script, *args], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{python} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return result_of(done.stdout)
+    return run_child([python, "-c", script, *args])
 
 
 def ours(checkpoint: str, mode: str, frames: int) -> dict:
@@ -126,7 +119,7 @@ def ours(checkpoint: str, mode: str, frames: int) -> dict:
     # one run with it our int8 took 476 ms a frame in one round and 984 in the next.
     command = [sys.executable, str(HERE / "quantize_speed.py"), "--checkpoint", checkpoint, "--frames", str(frames),
                "--one", mode, "--repeats", "2"]
-    row = result_of(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    row = run_child(command)
     return {"ms_per_frame": 1000 / row["fps"], "first_audio": row["first_audio"],
             "split": {k: (v or 0) * 1000 for k, v in row["split"].items()}, "rss_mib": row["rss_mib"]}
 

@@ -15,9 +15,7 @@ share is the one ratio divided by the other.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 import torch
 from bench import machine
+from child_result import print_result, run_child
 from report import publish
 from wyoming_clients import TEXT
 
@@ -87,7 +86,7 @@ def main() -> int:
     parser.add_argument("--label", default=None)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_process(args)), flush=True)
+        print_result(one_process(args))
         return 0
 
     rows = []
@@ -96,8 +95,7 @@ def main() -> int:
         for kind in kinds:
             command = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--quantize", args.quantize,
                        "--threads", str(args.threads), "--steps", str(args.steps), "--one", kind]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            row = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+            row = run_child(command)
             rows.append({"round": round_, **row})
             print(f"round {round_} {kind}: {row['first']:.1f} against {row['second']:.1f} ms", flush=True)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import wyoming_qwen3tts  # noqa: F401 - first: it sets OpenMP's defaults before torch loads
 import torch
 from bench import ServerThread, _free_port, machine, rss_mib, sentence_tokens, silence_end_of_speech
+from child_result import print_result, run_child
 from report import write_report
 from wyoming_clients import FRAME_SECONDS, one_stream, one_streamed
 
@@ -141,15 +140,14 @@ def main() -> int:
     parser.add_argument("--label", default=None)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_setting(args)), flush=True)
+        print_result(one_setting(args))
         return 0
 
     rows = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         command = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--frames", str(args.frames), "--one", mode,
                    "--threads", str(args.threads), "--repeats", str(args.repeats)]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
+        rows.append(run_child(command))
         print(f"{mode}: {rows[-1]['fps']:.2f} frames/s", flush=True)
     # The floor is the machine's: a round that starts while the codec idles runs the model on
     # every core, so a frame may read its weights at the all-core rate.
