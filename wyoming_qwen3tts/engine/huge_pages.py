@@ -1,14 +1,15 @@
 """Moving the loaded weights into 2 MiB pages (Linux's transparent huge pages).
 
 On a CPU every frame reads all the weights of the talker and the code predictor: 1.5 GB a frame
-in int8 at 0.6B (the predictor's 15 times over). In 4 KiB pages that is about 400,000 address
-translations a frame that miss the TLB, each a walk through the page tables, and in a virtual
-machine a walk through two sets of them. In 2 MiB pages there are 512 times fewer. The kernel's
-default (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise on most distributions) gives
+in int8 at 0.6B (the predictor's 15 times over). In 4 KiB pages that is about 400,000 pages a
+frame, far more than the TLB holds, so nearly each costs a walk through the page tables, and in a
+virtual machine through two sets of them. In 2 MiB pages there are 512 times fewer. The kernel's
+default (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise on many distributions) gives
 huge pages only to memory that asks for them before it is touched, and the weights come from
 PyTorch's, fbgemm's and the allocator's own allocations, none of which ask. So once the models
 are loaded, the server asks the kernel to move them (`MADV_COLLAPSE`, Linux 6.1): an int8 step
-got 6-10 % faster on our 2-core VM (BENCHMARKS.md, "huge pages").
+took 5-10 % less time on our 2-core VM, a frame through the server about 4 % less; float32 showed
+no change (BENCHMARKS.md, "huge pages").
 
 Only 2 MiB blocks that are wholly in memory are moved, so the process grows by nothing (a block
 with holes would be filled up to 2 MiB). Where the kernel cannot (older than 6.1, huge pages
@@ -49,7 +50,7 @@ class HugePageReport:
     """What one pass over the process's memory did."""
 
     moved_bytes: int  # memory the kernel now holds in huge pages (already huge included)
-    refused: int  # whole 2 MiB blocks it could not move (no free huge page, in use, ...)
+    refused: int  # blocks of one huge page it could not move (no free huge page, in use, ...)
     seconds: float
     unavailable: str | None = None  # why nothing could be moved at all
     huge_page: int = 2 << 20
