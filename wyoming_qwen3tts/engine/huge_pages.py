@@ -11,9 +11,10 @@ are loaded, the server asks the kernel to move them (`MADV_COLLAPSE`, Linux 6.1)
 took 5-10 % less time on our 2-core VM, a frame through the server about 4 % less; float32 showed
 no change (BENCHMARKS.md, "huge pages").
 
-Only 2 MiB blocks that are wholly in memory are moved, so the process grows by nothing (a block
-with holes would be filled up to 2 MiB). Where the kernel cannot (older than 6.1, huge pages
-compiled out, no free 2 MiB of physical memory), the memory stays as it was and the log says so.
+Only blocks of a huge page's size (2 MiB on x86) that are wholly in memory are moved, so the
+process grows by nothing (a block with holes would be filled up). Where the kernel cannot (older
+than 6.1, huge pages compiled out, no free huge page of physical memory), the memory stays as it
+was and the log says so.
 """
 
 from __future__ import annotations
