@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "--codec-threads", type=int, default=0, help="PyTorch CPU threads of each decoding thread (0 = the cores the model leaves)"
     )
     parser.add_argument("--quantize", default="none", help="weights of both paths (none, int8, int4; see quantize_speed.py for the comparison)")
+    parser.add_argument("--codec-precision", default="auto", choices=("auto", "float32", "bfloat16"), help="the codec decoder's number format (as --codec-precision)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
     parser.add_argument(
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = LoadOptions(
         device=args.device, dtype=args.dtype, compile=args.compile, cuda_graphs=not args.no_cuda_graphs, threads=args.threads,
-        quantize=args.quantize, codec_threads=args.codec_threads,
+        quantize=args.quantize, codec_threads=args.codec_threads, codec_precision=args.codec_precision,
     )
     stop = StopRules(base_frames=args.frames, frames_per_token=0, max_frames=args.frames)
     codecs = [c.strip() for c in args.codec_process.split(",") if c.strip()]
@@ -343,7 +344,7 @@ def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_sha
         predictor = "uncompiled"
     lines = [
         f"- machine: {machine()}",
-        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, checkpoint "
+        f"- torch {torch.__version__}, device {device}, dtype {args.dtype}, weights {args.quantize}, codec precision {args.codec_precision}, checkpoint "
         f"`{Path(args.checkpoint).name}`, our code predictor {predictor}, "
         f"{torch.get_num_threads()} threads, codec threads {args.codec_threads or 'auto (the cores the model leaves)'}, "
         f"batch attention {'padded' if padded else 'per row'}",

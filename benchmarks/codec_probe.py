@@ -1,6 +1,6 @@
 """The codec's cost per frame by chunk length and by how many streams share a call, on this CPU.
 
-    python benchmarks/codec_probe.py --checkpoint CKPT [--threads 1] [--against OTHER_CHECKOUT]
+    python benchmarks/codec_probe.py --checkpoint CKPT [--threads 1] [--against OTHER_CHECKOUT | --precisions]
 
 Streams' chunks are short: the first is one frame, later ones up to twelve. For each chunk length
 and number of rows (streams decoded in one call), the milliseconds per frame of our streaming
@@ -12,6 +12,8 @@ Without `--against`, one process compares PyTorch's own convolutions and linear 
 matrix-product kernels of `engine/codec_kernels.py`. With `--against DIR` (another checkout of this project,
 e.g. `git worktree add /tmp/before HEAD~1`), it compares that checkout's decoder with this one's:
 each runs in a process of its own, in turns, `--rounds` times, and the best of each is kept.
+With `--precisions`, it compares the codec in float32 with the codec in bfloat16
+(`--codec-precision`): time per frame, and bfloat16's distance from float32 after each stage.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from report import write_report
 from wyoming_qwen3tts.engine import codec_kernels
 from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
+from wyoming_qwen3tts.engine.loader import cpu_computes_bfloat16
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 
 FIRST = (1, 0)  # a stream's first frame, on a new state
@@ -149,12 +152,62 @@ def compare_kernels(args) -> list[str]:
     return lines
 
 
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    reference, other = reference.double(), other.double()
+    return float(10 * torch.log10(reference.pow(2).sum() / (reference - other).pow(2).sum().clamp_min(1e-30)))
+
+
+def stage_outputs(decoder, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output of each stage of the package's one-shot decode of ``codes`` [frames, 16], in float32."""
+    outputs: dict[str, torch.Tensor] = {}
+    stages = [("pre_transformer", decoder.pre_transformer)] + [(f"decoder.{i}", block) for i, block in enumerate(decoder.decoder)]
+    handles = []
+    for name, module in stages:
+
+        def keep(_module, _args, out, name=name):
+            out = getattr(out, "last_hidden_state", out)
+            outputs[name] = out.float()
+
+        handles.append(module.register_forward_hook(keep))
+    try:
+        decoder(codes.T.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def compare_precisions(args) -> list[str]:
+    """The codec in float32 against bfloat16 (`--codec-precision`): time per frame, and how far
+    bfloat16's output is from float32's at each stage (random weights: say nothing of real ones)."""
+    full = load_codec(args.checkpoint).decoder
+    half = load_codec(args.checkpoint).decoder.to(torch.bfloat16)
+    decoders = (StreamingCodecDecoder(full), StreamingCodecDecoder(half))
+    codes = torch.randint(0, 2048, (80, 16), generator=torch.Generator().manual_seed(0))
+    lines = ["| frames per chunk | streams per call | float32 | bfloat16 | float32 / bfloat16 |", "|---|---|---|---|---|"]
+    with torch.inference_mode():
+        for frames, rows in CASES:
+            cells = [per_frame(decoder, frames, rows, codes) for decoder in decoders]
+            lines.append(f"| {' | '.join(case_name(frames, rows))} | {cells[0]:.1f} | {cells[1]:.1f} | {cells[0] / cells[1]:.2f}x |")
+            print(lines[-1], flush=True)
+        reference, rounded = stage_outputs(full, codes[:48]), stage_outputs(half, codes[:48])
+    stages = ", ".join(f"{name} {snr_db(reference[name], rounded[name]):.1f}" for name in reference)
+    lines += [
+        "",
+        "- signal to difference, bfloat16 against float32, dB, after each stage of a 48-frame one-shot decode "
+        f"(the last is the audio): {stages}",
+        f"- this CPU computes in bfloat16 (AVX512_BF16 or AMX): {cpu_computes_bfloat16()}",
+    ]
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", type=Path, help="another checkout of this project, to compare its decoder with this one's")
     parser.add_argument("--rounds", type=int, default=3, help="with --against: turns each checkout takes")
+    parser.add_argument("--precisions", action="store_true", help="compare the codec in float32 with bfloat16 (--codec-precision)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
@@ -162,7 +215,7 @@ def main() -> int:
     if args.worker:
         print(json.dumps(measure_all(args.checkpoint)))
         return 0
-    lines = compare_checkouts(args) if args.against else compare_kernels(args)
+    lines = compare_checkouts(args) if args.against else compare_precisions(args) if args.precisions else compare_kernels(args)
     against = f"; two checkouts in turns, best of {args.rounds} turns each" if args.against else ""
     header = [
         f"- machine: {machine()}; torch {torch.__version__}; codec of `{args.checkpoint.name}`, {args.threads} thread(s); "
@@ -172,6 +225,8 @@ def main() -> int:
     report = "\n".join(header + lines)
     print(report)
     title = f"codec kernels and batches on {args.checkpoint.name}, CPU, {memory_allocator()} allocator"
+    if args.precisions:
+        title = f"codec precision, float32 against bfloat16, on {args.checkpoint.name}, CPU, {memory_allocator()} allocator"
     if args.against:
         title = f"codec decoder, {checkout_name(args.against.resolve())} against {checkout_name(REPO)}, on {args.checkpoint.name}, CPU, {memory_allocator()} allocator"
     write_report(args.output, title, report)

@@ -174,6 +174,7 @@ def test_run_sh_turns_default_options_into_the_command_line(tmp_path):
         "--device", "auto",
         "--dtype", "auto",
         "--quantize", "auto",
+        "--codec-precision", "auto",
         "--log-level", "info",
         "--max-batch", "0",
         "--stream-text-by", "words",
@@ -189,6 +190,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
         "device": "cuda",
         "dtype": "bfloat16",
         "quantize": "int4",
+        "codec_precision": "bfloat16",
         "default_voice": "Grandma",
         "streaming": False,
         "stream_text_by": "sentences",
@@ -210,6 +212,7 @@ def test_run_sh_passes_custom_models_and_switches(tmp_path):
     assert value("--model") == "/share/qwen3tts/models/my model", "a path with a space stays one argument"
     assert value("--clone-model") == "Qwen/Qwen3-TTS-12Hz-1.7B-Base"
     assert value("--device") == "cuda" and value("--dtype") == "bfloat16" and value("--log-level") == "debug"
+    assert value("--codec-precision") == "bfloat16"
     assert value("--voice") == "Grandma" and value("--zeroconf") == "kitchen-tts"
     assert "--no-streaming" in args
     # The server gets these very arguments, and reads the clone voices from options.json.

@@ -273,3 +273,30 @@ def test_the_prompt_cache_keeps_the_most_recently_used_entries(tmp_path):
         if key == "c":
             assert cache.load("a") is not None  # "a" is used again: "b" is now the oldest
     assert sorted(p.stem for p in tmp_path.glob("*.pt")) == ["a", "c", "d"]
+
+
+async def test_a_clone_speaks_with_a_bfloat16_codec(checkpoints, tmp_path, samples_dir, monkeypatch):
+    from dataclasses import replace
+
+    from wyoming_qwen3tts.engine import loader
+    from wyoming_qwen3tts.engine.options import LoadOptions
+
+    monkeypatch.setattr(loader, "cpu_computes_bfloat16", lambda: True)  # the speed, not whether it runs, depends on it
+    settings = settings_for(checkpoints, tmp_path, GOOD_VOICES[:1], samples_dir)
+    settings = replace(settings, engine=replace(settings.engine, load=LoadOptions(device="cpu", codec_precision="bfloat16")))
+    requests = await prepare(settings)
+    engine = requests.backend
+    server = ServerThread(settings, engine, requests.catalog)
+    try:
+        for role in ("custom_voice", "base"):
+            decoder = engine.runtimes[role].wrapper.model.speech_tokenizer.model.decoder
+            assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}, role
+        async with server.client() as client:
+            # Its first chunk decodes the reference sample's codes too, in the clone model's codec.
+            await client.write_event(Synthesize(text="Dinner is ready.", voice=SynthesizeVoice(name="Grandma")).event())
+            cycle = await read_until(client, "audio-stop")
+    finally:
+        server.stop()
+        engine.close()
+    assert is_one_audio_cycle(cycle.types) and len(cycle.audio) > 0
+    assert max(abs(int.from_bytes(cycle.audio[i : i + 2], "little", signed=True)) for i in range(0, len(cycle.audio), 2)) > 100

@@ -154,7 +154,7 @@ def test_automatic_codec_threads_take_the_cores_the_model_leaves(monkeypatch):
     assert codec_threads(LoadOptions(codec_threads=6), model_threads=3) == 6
 
 
-@pytest.mark.parametrize("field,value", [("device", "tpu"), ("dtype", "int4"), ("attention", "magic")])
+@pytest.mark.parametrize("field,value", [("device", "tpu"), ("dtype", "int4"), ("attention", "magic"), ("codec_precision", "int8")])
 def test_wrong_load_options_are_refused_with_the_valid_choices(field, value):
     with pytest.raises(ValueError, match="must be one of"):
         LoadOptions(**{field: value})

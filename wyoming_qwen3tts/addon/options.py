@@ -45,6 +45,7 @@ OPTION_FLAGS = (
     ("device", "--device", "value"),
     ("dtype", "--dtype", "value"),
     ("quantize", "--quantize", "value"),
+    ("codec_precision", "--codec-precision", "value"),
     ("log_level", "--log-level", "value"),
     ("default_voice", "--voice", "value"),
     ("compile", "--compile", "switch"),

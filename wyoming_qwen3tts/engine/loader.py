@@ -52,6 +52,7 @@ class Placement:
     attention: str
     threads: int
     quantize: str = "none"  # the weights' mode, resolved for this machine
+    codec_dtype: torch.dtype | None = None  # the codec decoder's, where not as loaded (`resolve_codec_dtype`)
 
 
 def resolve_placement(options: LoadOptions) -> Placement:
@@ -78,7 +79,37 @@ def resolve_placement(options: LoadOptions) -> Placement:
     if not threads:
         compute_bound = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         threads = usable_cores() if compute_bound else max(1, usable_cores() - 1)
-    return Placement(device=device, dtype=dtype, attention=attention, threads=threads, quantize=resolve_mode(options.quantize, device))
+    return Placement(
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        threads=threads,
+        quantize=resolve_mode(options.quantize, device),
+        codec_dtype=resolve_codec_dtype(options.codec_precision, device),
+    )
+
+
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512_BF16 or AMX), where oneDNN's bfloat16
+    convolutions run about twice as fast as float32 ones; elsewhere they are emulated, and slower.
+    PyTorch's own CPU feature checks (private, hence looked up: a build without them says no)."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_codec_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The codec decoder's dtype for ``precision``; None: as loaded (float32 on a CPU, the model's
+    dtype on a GPU, as the package does)."""
+    if precision == "auto":
+        return None
+    dtype = getattr(torch, precision)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_computes_bfloat16():
+        _LOGGER.warning(
+            "Codec precision bfloat16 asked for, but this CPU has no bfloat16 arithmetic (AVX512_BF16 or AMX), "
+            "where it would decode slower than float32: the codec stays float32. Set it to auto to silence this."
+        )
+        return None
+    return dtype
 
 
 def codec_threads(options: LoadOptions, model_threads: int) -> int:
@@ -238,6 +269,10 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
         )
         release_free_memory()
     wrapper.model.speech_tokenizer.model.eval()
+    if placement.codec_dtype is not None:
+        # The decoder only: the encoder turns clone samples into codes once, and stays as loaded.
+        wrapper.model.speech_tokenizer.model.decoder.to(placement.codec_dtype)
+        _LOGGER.info("Audio codec decodes in %s (configured)", str(placement.codec_dtype).removeprefix("torch."))
     quantize_talker(wrapper.model, placement.quantize)
     if narrow:
         kept = widen_all_but_text_embedding(wrapper.model, placement.dtype, folder / "model.safetensors")

@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 QUANTIZE = ("auto", "none", "int8", "int4")
 BATCH_ATTENTION = ("auto", "rows", "padded")
+CODEC_PRECISIONS = ("auto", "float32", "bfloat16")
 
 # The package's talker may not stop before its second frame (`min_new_tokens=2`).
 MIN_FRAMES = 2
@@ -62,10 +63,16 @@ class LoadOptions:
     # Weights of the talker and the code predictor: "int8" or "int4" on a CPU read fewer bytes
     # per frame (a frame there is bound by reading weights); "auto": int8 on a CPU, none on a GPU.
     quantize: str = "auto"
+    # Number format of the audio codec's decoder: "auto" is float32 on a CPU and the model's dtype
+    # on a GPU (the package's way). "bfloat16" on a CPU with bfloat16 arithmetic (AVX512_BF16 or
+    # AMX) decodes about 1.8x faster, in the package's GPU numbers rather than float32's.
+    codec_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
+        if self.codec_precision not in CODEC_PRECISIONS:
+            raise ValueError(f"codec_precision must be one of {', '.join(CODEC_PRECISIONS)}, not {self.codec_precision!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (automatic) or more, not {self.threads}")
         if self.codec_threads < 0:
