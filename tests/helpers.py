@@ -114,6 +114,28 @@ async def read_until(client: AsyncTcpClient, last_type: str, timeout: float = 12
                 return Cycle(events)
 
 
+async def greedy_cycle_through_wyoming(engine, text: str = "Good morning.", voice: str = "Ryan") -> Cycle:
+    """One greedy `synthesize` of ``text`` through a Wyoming server on ``engine``, which is closed after."""
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    from wyoming_qwen3tts.request import RequestLayerOptions
+    from wyoming_qwen3tts.speech import RequestOptions, SamplingOptions
+
+    server = ServerThread(Settings(requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy()))), engine)
+    try:
+        async with server.client() as client:
+            await client.write_event(Synthesize(text=text, voice=SynthesizeVoice(name=voice)).event())
+            return await read_until(client, "audio-stop", timeout=60)
+    finally:
+        server.stop()
+        engine.close()
+
+
+def loudest_sample(pcm: bytes) -> int:
+    """The largest magnitude among 16-bit samples: silence or a broken codec gives next to nothing."""
+    return int(np.abs(np.frombuffer(pcm, dtype="<i2").astype(np.int32)).max(initial=0))
+
+
 def is_one_audio_cycle(types: list[str]) -> bool:
     """audio-start, any number of audio-chunk, audio-stop: nothing else."""
     return (

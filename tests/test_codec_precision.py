@@ -7,18 +7,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from wyoming.tts import Synthesize, SynthesizeVoice
 
-from helpers import ServerThread, is_one_audio_cycle, read_until
+from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample
 
 from wyoming_qwen3tts.engine import loader
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
-from wyoming_qwen3tts.request import RequestLayerOptions
-from wyoming_qwen3tts.settings import Settings
-from wyoming_qwen3tts.speech import RequestOptions, SamplingOptions
 
 
 def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
@@ -76,13 +72,6 @@ async def test_an_engine_with_a_bfloat16_codec_streams_speech_through_wyoming(ch
             data_dir=tmp_path,
         )
     )
-    server = ServerThread(Settings(requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy()))), engine)
-    try:
-        async with server.client() as client:
-            await client.write_event(Synthesize(text="Good morning.", voice=SynthesizeVoice(name="Ryan")).event())
-            cycle = await read_until(client, "audio-stop", timeout=60)
-    finally:
-        server.stop()
-        engine.close()
+    cycle = await greedy_cycle_through_wyoming(engine)
     assert is_one_audio_cycle(cycle.types) and len(cycle.audio) == 8 * 1920 * 2
-    assert max(abs(int.from_bytes(cycle.audio[i : i + 2], "little", signed=True)) for i in range(0, len(cycle.audio), 2)) > 100
+    assert loudest_sample(cycle.audio) > 100

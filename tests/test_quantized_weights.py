@@ -7,9 +7,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from wyoming.tts import Synthesize, SynthesizeVoice
 
-from helpers import ServerThread, is_one_audio_cycle, read_until
+from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
@@ -22,9 +21,7 @@ from wyoming_qwen3tts.engine.quantize import kernel_for, resolve_mode
 from wyoming_qwen3tts.engine.int4_weights import Int4Weights, KleidiAIInt4Weights
 from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, QuantizedLinear, kernel_fault
 from wyoming_qwen3tts.engine.sampling import ExponentialNoise
-from wyoming_qwen3tts.request import RequestLayerOptions
-from wyoming_qwen3tts.settings import Settings
-from wyoming_qwen3tts.speech import PresetSpeaker, RequestOptions, SamplingOptions
+from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 # What a wrong scale or packing gives is about 0 dB.
 MIN_SNR_DB = {"int8": 30.0, "int4": 15.0}
@@ -256,16 +253,9 @@ async def test_a_quantized_engine_streams_speech_through_wyoming(checkpoints, tm
             data_dir=tmp_path,
         )
     )
-    server = ServerThread(Settings(requests=RequestLayerOptions(defaults=RequestOptions(sampling=SamplingOptions().greedy()))), engine)
-    try:
-        async with server.client() as client:
-            await client.write_event(Synthesize(text="Good morning.", voice=SynthesizeVoice(name="Ryan")).event())
-            cycle = await read_until(client, "audio-stop", timeout=60)
-    finally:
-        server.stop()
-        engine.close()
+    cycle = await greedy_cycle_through_wyoming(engine)
     assert is_one_audio_cycle(cycle.types) and len(cycle.audio) == 8 * 1920 * 2
-    assert max(abs(int.from_bytes(cycle.audio[i : i + 2], "little", signed=True)) for i in range(0, len(cycle.audio), 2)) > 100
+    assert loudest_sample(cycle.audio) > 100
 
 
 def test_a_compiled_int8_code_predictor_runs_the_int8_kernel_and_draws_the_uncompiled_codes(
