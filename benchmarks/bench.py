@@ -46,7 +46,7 @@ from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.codec_process import CodecProcess
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import parameter_bytes
-from wyoming_qwen3tts.engine.options import BATCH_ATTENTION, EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.options import BATCH_ATTENTION, CODEC_PRECISIONS, EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.request import SpeechRequests
 from wyoming_qwen3tts.serve import build_catalog
 from wyoming_qwen3tts.server.app import WyomingOptions, WyomingTtsServer
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "--codec-threads", type=int, default=0, help="PyTorch CPU threads of each decoding thread (0 = the cores the model leaves)"
     )
     parser.add_argument("--quantize", default="none", help="weights of both paths (none, int8, int4; see quantize_speed.py for the comparison)")
-    parser.add_argument("--codec-precision", default="auto", choices=("auto", "float32", "bfloat16"), help="the codec decoder's number format (as --codec-precision)")
+    parser.add_argument("--codec-precision", default="auto", choices=CODEC_PRECISIONS, help="the codec decoder's number format (as --codec-precision)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (the best is kept)")
     parser.add_argument("--max-batch", type=int, default=0, help="streams per batched step (0: the engine's default for the device)")
     parser.add_argument(

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from bench import machine
+from quantize_quality import snr_db
 from report import write_report
 
 from wyoming_qwen3tts.engine import codec_kernels
@@ -150,11 +151,6 @@ def compare_kernels(args) -> list[str]:
         "float32 peak the codec runs (an AVX2 core with two FMA units: 16 multiply-adds per cycle)"
     )
     return lines
-
-
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    reference, other = reference.double(), other.double()
-    return float(10 * torch.log10(reference.pow(2).sum() / (reference - other).pow(2).sum().clamp_min(1e-30)))
 
 
 def stage_outputs(decoder, codes: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample
+from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample, snr_db
 
 from wyoming_qwen3tts.engine import loader
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
-
-
-def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(np.sum((reference - other).astype(np.float64) ** 2), 1e-30)))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample
+from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample, snr_db
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
@@ -25,11 +25,6 @@ from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 # What a wrong scale or packing gives is about 0 dB.
 MIN_SNR_DB = {"int8": 30.0, "int4": 15.0}
-
-
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    reference, other = reference.detach(), other.detach()
-    return float(10 * torch.log10(reference.pow(2).sum() / (other - reference).pow(2).sum()))
 
 
 @pytest.fixture(scope="module")
