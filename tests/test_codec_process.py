@@ -76,6 +76,8 @@ def test_after_the_codec_process_dies_its_streams_fail_and_new_ones_get_a_new_pr
     process = codec_process  # the last test of the module's process: it restarts it
     old = process.new_state()
     process.decode(old, codes(2, 7))
+    # A request that starts before anyone notices the child died: its first decode restarts it.
+    waiting = process.new_state()
     first_pid = process.pid
     os.kill(first_pid, signal.SIGKILL)
     process._process.join(10)
@@ -86,7 +88,8 @@ def test_after_the_codec_process_dies_its_streams_fail_and_new_ones_get_a_new_pr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(process.decode(process.new_state(), codes(3, 9)), local.decode(local.new_state(), codes(3, 9)))
+        assert torch.equal(process.decode(waiting, codes(3, 9)), local.decode(local.new_state(), codes(3, 9)))
+        assert torch.equal(process.decode(process.new_state(), codes(3, 10)), local.decode(local.new_state(), codes(3, 10)))
     finally:
         torch.set_num_threads(threads)
 

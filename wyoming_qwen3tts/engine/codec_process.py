@@ -157,9 +157,13 @@ class CodecProcess:
         if any(c.shape[0] != frames for c in codes):
             raise ValueError("a batch decodes chunks of one length")
         channel, generation, free = self._channel()
-        if any(state.generation != generation for state in states):
+        if any(state.started and state.generation != generation for state in states):
             free.put(channel)
             raise CodecProcessError("the codec process was restarted and this stream's audio cannot continue; try again")
+        for state in states:
+            # A stream that has decoded nothing holds nothing in any child: it belongs to this one (a
+            # request that started before a dead child was noticed, which happens at this call).
+            state.generation = generation
         released = []
         try:
             while True:  # other threads drain it too
