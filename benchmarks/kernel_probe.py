@@ -5,7 +5,8 @@
 1 row (one stream's frame step), 2 to 8 rows (a batch of streams) and 40 rows (a prompt):
 microseconds per call, cycling through eight copies of the weights so that each call reads them
 from memory as a real step does, and the output's signal-to-noise ratio against float32. Float
-weights have two kernels: MKL's (F.linear, ours for one stream) and oneDNN's (ours for a batch).
+weights have three kernels: MKL's (F.linear, ours for one stream) and oneDNN's (ours for a batch)
+where the CPU lacks AVX-512, and oneDNN's over weights packed once (ours on AVX-512 CPUs).
 Writes a section of BENCHMARKS.md.
 """
 
@@ -22,6 +23,7 @@ from bench import machine
 from report import write_report
 
 from wyoming_qwen3tts.engine.int4_weights import INT4_GROUP, Int4Weights, KleidiAIInt4Weights, kleidiai_built
+from wyoming_qwen3tts.engine.packed_weights import PackedFloatWeights
 from wyoming_qwen3tts.engine.quantized_linear import Int8Weights
 
 IN, OUT = 1024, 3072
@@ -66,10 +68,19 @@ def candidates(weight: torch.Tensor):
         torch.ops.mkldnn._linear_pointwise(torch.zeros(2, IN), weight, None, "none", [], "")
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
+    def packed(dtype: torch.dtype):
+        def build():
+            layer = PackedFloatWeights(weight.to(dtype), None)
+            return lambda x: layer(x.to(dtype))
+
+        return build
+
     return [
-        ("float32 F.linear (MKL; ours for one stream)", lambda: (lambda x: F.linear(x, weight))),
-        ("float32 oneDNN linear (ours for a batch of streams)", onednn),
+        ("float32 F.linear (MKL; ours for one stream without AVX-512)", lambda: (lambda x: F.linear(x, weight))),
+        ("float32 oneDNN linear (ours for a batch of streams without AVX-512)", onednn),
+        ("float32 oneDNN linear, weights packed once, 1-3 rows padded to 4 (ours on AVX-512)", packed(torch.float32)),
         ("bfloat16 F.linear", lambda: (lambda x, w=weight.bfloat16(): F.linear(x.bfloat16(), w))),
+        ("bfloat16 oneDNN linear, weights packed once, 1-3 rows padded to 4 (ours on AVX-512)", packed(torch.bfloat16)),
         ("fbgemm int8, a grid per row (ours: int8)", lambda: Int8Weights(weight, None)),
         ("torch _weight_int8pack_mm, bfloat16 activations", int8pack),
         ("torch _weight_int4pack_mm_for_cpu, groups of 32 (ours: int4 without KleidiAI)", lambda: Int4Weights(weight, None)),

@@ -30,7 +30,7 @@ from wyoming_qwen3tts.engine.options import LoadOptions
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.quantize import kernel_for
-from wyoming_qwen3tts.engine.quantized_linear import QuantizedLinear
+from wyoming_qwen3tts.engine.quantized_linear import PreparedLinear
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 TEXT = "Good evening, the living room lights are dimmed and the front door is locked."
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         print(f"teacher forcing: {mode}", flush=True)
         model = load(args.checkpoint, mode)
-        assert any(isinstance(m, QuantizedLinear) for m in model.model.talker.modules())
+        assert any(isinstance(m, PreparedLinear) for m in model.model.talker.modules())
         first, rest, _ = teacher_forced(model, codes, args.frames)
         results[mode] = compare((float_first, float_rest), (first, rest))
         del model

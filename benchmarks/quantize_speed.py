@@ -31,7 +31,7 @@ from wyoming_clients import FRAME_SECONDS, one_stream, one_streamed
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
 from wyoming_qwen3tts.engine.quantize import kernel_for
-from wyoming_qwen3tts.engine.quantized_linear import QuantizedLinear
+from wyoming_qwen3tts.engine.quantized_linear import PreparedLinear
 from wyoming_qwen3tts.server.app import WyomingOptions
 from wyoming_qwen3tts.settings import Settings
 
@@ -46,7 +46,7 @@ SETTINGS = {  # name -> (dtype, quantize, compile the code predictor)
 
 
 def linear_bytes(module: torch.nn.Module) -> int:
-    if isinstance(module, QuantizedLinear):
+    if isinstance(module, PreparedLinear):
         return module.weights.nbytes
     return module.weight.numel() * module.weight.element_size()
 
@@ -56,12 +56,12 @@ def bytes_per_frame(talker: torch.nn.Module) -> int:
     predictor = talker.code_predictor
     total = 0
     for name, module in talker.named_modules():
-        if not isinstance(module, (torch.nn.Linear, QuantizedLinear)) or name.startswith(("code_predictor", "text_projection")):
+        if not isinstance(module, (torch.nn.Linear, PreparedLinear)) or name.startswith(("code_predictor", "text_projection")):
             continue
         total += linear_bytes(module)
     steps = len(predictor.lm_head)
     for name, module in predictor.named_modules():
-        if isinstance(module, (torch.nn.Linear, QuantizedLinear)) and not name.startswith("lm_head"):
+        if isinstance(module, (torch.nn.Linear, PreparedLinear)) and not name.startswith("lm_head"):
             total += steps * linear_bytes(module)
     total += sum(linear_bytes(head) for head in predictor.lm_head)  # one head per step
     return total

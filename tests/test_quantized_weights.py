@@ -19,7 +19,7 @@ from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine import int4_weights
 from wyoming_qwen3tts.engine.quantize import kernel_for, resolve_mode
 from wyoming_qwen3tts.engine.int4_weights import Int4Weights, KleidiAIInt4Weights
-from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, QuantizedLinear, kernel_fault
+from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, PreparedLinear, kernel_fault
 from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
@@ -100,10 +100,10 @@ def test_loading_quantizes_every_talker_and_predictor_linear_and_greedy_runs_rep
     talker = wrapper.model.talker
     assert not [name for name, m in talker.named_modules() if type(m) is torch.nn.Linear]
     linears = sum(1 for m in custom_voice_model.model.talker.modules() if type(m) is torch.nn.Linear)
-    assert sum(1 for m in talker.modules() if isinstance(m, QuantizedLinear)) == linears
-    assert isinstance(talker.codec_head, QuantizedLinear) and all(isinstance(h, QuantizedLinear) for h in talker.code_predictor.lm_head)
+    assert sum(1 for m in talker.modules() if isinstance(m, PreparedLinear)) == linears
+    assert isinstance(talker.codec_head, PreparedLinear) and all(isinstance(h, PreparedLinear) for h in talker.code_predictor.lm_head)
     codec = wrapper.model.speech_tokenizer.model
-    assert not any(isinstance(m, QuantizedLinear) for m in codec.modules()), "the codec stays as it is"
+    assert not any(isinstance(m, PreparedLinear) for m in codec.modules()), "the codec stays as it is"
     assert any(type(m) is torch.nn.Embedding for m in talker.modules()), "embeddings stay as they are"
     prompt = build_prompt(wrapper, "It is twenty one degrees inside.", PresetSpeaker("ryan"), "english", non_streaming_mode=True)
 
@@ -152,7 +152,7 @@ def test_int4_takes_kleidiai_where_pytorch_has_it_and_the_cpu_can_run_it(checkpo
     assert not caplog.text
     assert kernel_for("int4") is KleidiAIInt4Weights
     wrapper = load_model(checkpoints["custom_voice"], resolve_placement(LoadOptions(device="cpu", quantize="int4")))
-    kinds = {type(getattr(m.weights, "fused", m.weights)) for m in wrapper.model.talker.modules() if isinstance(m, QuantizedLinear)}
+    kinds = {type(getattr(m.weights, "fused", m.weights)) for m in wrapper.model.talker.modules() if isinstance(m, PreparedLinear)}
     assert KleidiAIInt4Weights in kinds and Int4Weights not in kinds  # tiny layers the groups do not divide: int8
 
 

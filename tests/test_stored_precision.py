@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from wyoming_qwen3tts.dev.tiny_checkpoint import build_checkpoint
 from wyoming_qwen3tts.engine.loader import LoadOptions, load_model, resolve_placement
-from wyoming_qwen3tts.engine.quantize import QuantizedLinear, quantize_talker
+from wyoming_qwen3tts.engine.quantize import PreparedLinear, quantize_talker
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 from wyoming_qwen3tts.engine.stored_precision import WideningEmbedding, narrower, stored_float_dtype, table_of_its_own
 
@@ -61,10 +61,10 @@ def test_a_bfloat16_checkpoint_loaded_as_stored_has_the_very_weights_and_codes_o
     for name, tensor in theirs.items():
         if name != "talker.model.text_embedding.weight":
             assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
-    quantized = {name: module for name, module in stored.model.named_modules() if isinstance(module, QuantizedLinear)}
+    quantized = {name: module for name, module in stored.model.named_modules() if isinstance(module, PreparedLinear)}
     assert bool(quantized) == (mode != "none")
     for name, module in widened_first.model.named_modules():
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, PreparedLinear):
             x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
             assert torch.equal(quantized[name](x), module(x)), name
     assert torch.equal(greedy_frames(stored, 10), greedy_frames(widened_first, 10))

@@ -20,8 +20,9 @@ from ..speech import BackendUnavailableError
 from .allocator import release_free_memory
 from .download_progress import DownloadProgress, repository_bytes
 from .options import LoadOptions
+from .packed_weights import pack_float_weights, packing_fault
 from .quantize import quantize_talker, resolve_mode
-from .quantized_linear import quantized_bytes
+from .quantized_linear import prepared_bytes
 from .qwen_import import import_qwen_tts
 from .stored_precision import narrower, stored_float_dtype, widen_all_but_text_embedding
 
@@ -53,6 +54,7 @@ class Placement:
     threads: int
     quantize: str = "none"  # the weights' mode, resolved for this machine
     codec_dtype: torch.dtype | None = None  # the codec decoder's, where not as loaded (`resolve_codec_dtype`)
+    packed_float_weights: bool = False  # float weights in oneDNN's layout (`packed_weights.py`)
 
 
 def resolve_placement(options: LoadOptions) -> Placement:
@@ -79,14 +81,24 @@ def resolve_placement(options: LoadOptions) -> Placement:
     if not threads:
         compute_bound = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
         threads = usable_cores() if compute_bound else max(1, usable_cores() - 1)
+    quantize = resolve_mode(options.quantize, device)
     return Placement(
         device=device,
         dtype=dtype,
         attention=attention,
         threads=threads,
-        quantize=resolve_mode(options.quantize, device),
+        quantize=quantize,
         codec_dtype=resolve_codec_dtype(options.codec_precision, device),
+        packed_float_weights=device.type == "cpu" and quantize == "none" and _float_layout_helps(dtype, options.compile),
     )
+
+
+def _float_layout_helps(dtype: torch.dtype, compile: bool) -> bool:
+    """Whether float weights of ``dtype`` go into oneDNN's layout on this CPU (`packed_weights.py`)."""
+    fault = "the compiler multiplies plain weights its own way" if compile else packing_fault(dtype)
+    if fault is not None:
+        _LOGGER.debug("Float weights stay as loaded: %s", fault)
+    return fault is None
 
 
 def cpu_computes_bfloat16() -> bool:
@@ -283,6 +295,8 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
             str(placement.dtype).removeprefix("torch."),
             kept / 2**20,
         )
+    if placement.packed_float_weights:
+        pack_float_weights(wrapper.model)
     if text_embedding_on_cpu:
         freed = keep_text_embedding_on_cpu(wrapper)
         _LOGGER.info("Text embedding kept in CPU memory (%.0f MiB freed on %s)", freed / 2**20, placement.device)
@@ -293,4 +307,4 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of weights: parameters, and the quantized weights that replaced some of them."""
-    return quantized_bytes(module) + sum(p.numel() * p.element_size() for p in module.parameters())
+    return prepared_bytes(module) + sum(p.numel() * p.element_size() for p in module.parameters())

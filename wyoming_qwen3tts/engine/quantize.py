@@ -3,7 +3,7 @@
 A frame on a CPU is bound by reading weights: fewer bytes per weight, and a kernel that reads
 them fast, is what makes it quicker. Every `nn.Linear` of the talker and of the code predictor
 (attention projections, MLPs, the codec head, the 15 predictor heads, the text projection) is
-replaced by a `QuantizedLinear` (kernels in `quantized_linear.py` and `int4_weights.py`); a
+replaced by a `PreparedLinear` (kernels in `quantized_linear.py` and `int4_weights.py`); a
 decoder layer's q, k and v become one matrix, and so do its gate and up, since they read the
 same input. Embeddings, norms and the codec decoder stay as they are (quantizing the codec's
 Snake activations makes noise).
@@ -17,14 +17,18 @@ oneDNN, the default, and QNNPACK); for int4 first Arm's KleidiAI kernels where P
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from .allocator import release_free_memory
 from .int4_weights import Int4Weights, KleidiAIInt4Weights, int4_kernels
-from .quantized_linear import Int8Weights, QuantizedLinear, WeightSlice, int8_engine, kernel_fault
+from .quantized_linear import Int8Weights, LinearWeights, PreparedLinear, WeightSlice, int8_engine, kernel_fault
 
 _LOGGER = logging.getLogger(__name__)
+
+# Weights prepared for a kernel from a layer's (weight, bias).
+PrepareWeights = Callable[[torch.Tensor, torch.Tensor | None], LinearWeights | None]
 
 # Best first; a mode falls back along this order.
 MODES = ("int4", "int8", "none")
@@ -116,8 +120,8 @@ def _quantized(kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8W
         return Int8Weights(weight, bias)
 
 
-def _fuse(parent: torch.nn.Module, names: tuple[str, ...], kernel) -> tuple[int, int] | None:
-    """Quantize ``parent``'s linear layers ``names`` as one matrix; the float bytes it replaced."""
+def _fuse(parent: torch.nn.Module, names: tuple[str, ...], prepare: PrepareWeights) -> tuple[int, int] | None:
+    """Prepare ``parent``'s linear layers ``names`` as one matrix; the float bytes it replaced and its bytes."""
     layers = [getattr(parent, name, None) for name in names]
     if not all(type(layer) is torch.nn.Linear for layer in layers):
         return None
@@ -126,12 +130,42 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...], kernel) -> tuple[int,
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else layer.weight.new_zeros(layer.out_features) for b, layer in zip(biases, layers)]
     )
-    fused = _quantized(kernel, weight, bias)
+    fused = prepare(weight, bias)
+    if fused is None:
+        return None
     start = 0
     for name, layer in zip(names, layers):
-        setattr(parent, name, QuantizedLinear(WeightSlice(fused, start, start + layer.out_features)))
+        setattr(parent, name, PreparedLinear(WeightSlice(fused, start, start + layer.out_features)))
         start += layer.out_features
     return weight.numel() * layers[0].weight.element_size(), fused.nbytes
+
+
+def replace_talker_linears(model: torch.nn.Module, prepare: PrepareWeights) -> tuple[int, int, int]:
+    """Replace every linear layer of ``model.talker`` (code predictor included) by a `PreparedLinear`
+    over ``prepare(weight, bias)`` (None: the layer stays), in place; a layer's q, k and v, and its
+    gate and up, as one matrix each. Returns the layers replaced, their float bytes and their new bytes."""
+    layers = float_bytes = new_bytes = 0
+    with torch.no_grad():
+        for module in list(model.talker.modules()):
+            for attribute, names in FUSED:
+                parent = getattr(module, attribute, None)
+                if parent is not None and (sizes := _fuse(parent, names, prepare)) is not None:
+                    layers += len(names)
+                    float_bytes += sizes[0]
+                    new_bytes += sizes[1]
+        for parent in list(model.talker.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                weights = prepare(child.weight, child.bias)
+                if weights is None:
+                    continue
+                setattr(parent, name, PreparedLinear(weights))
+                layers += 1
+                float_bytes += child.weight.numel() * child.weight.element_size()
+                new_bytes += weights.nbytes
+    release_free_memory()  # the float weights just replaced: gigabytes the allocator would keep
+    return layers, float_bytes, new_bytes
 
 
 def quantize_talker(model: torch.nn.Module, mode: str) -> None:
@@ -139,25 +173,7 @@ def quantize_talker(model: torch.nn.Module, mode: str) -> None:
     if mode == "none":
         return
     kernel = kernel_for(mode)
-    layers = float_bytes = quantized_bytes = 0
-    with torch.no_grad():
-        for module in list(model.talker.modules()):
-            for attribute, names in FUSED:
-                parent = getattr(module, attribute, None)
-                if parent is not None and (sizes := _fuse(parent, names, kernel)) is not None:
-                    layers += len(names)
-                    float_bytes += sizes[0]
-                    quantized_bytes += sizes[1]
-        for parent in list(model.talker.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is not torch.nn.Linear:
-                    continue
-                weights = _quantized(kernel, child.weight, child.bias)
-                setattr(parent, name, QuantizedLinear(weights))
-                layers += 1
-                float_bytes += child.weight.numel() * child.weight.element_size()
-                quantized_bytes += weights.nbytes
-    release_free_memory()  # the float weights just replaced: gigabytes the allocator would keep
+    layers, float_bytes, quantized_bytes = replace_talker_linears(model, lambda weight, bias: _quantized(kernel, weight, bias))
     _LOGGER.info(
         "Quantized %d linear layers to %s with %s: %.0f MiB of weights instead of %.0f MiB",
         layers,

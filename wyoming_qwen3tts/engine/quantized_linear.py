@@ -27,6 +27,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,18 @@ _SPREAD_SCALE, _SPREAD_ZERO = 1.0 / 63.0, 63
 
 # A linear layer as a callable x -> y.
 Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LinearWeights(Protocol):
+    """A weight matrix prepared for a kernel (quantized, or float in a packed layout), called as x -> y."""
+
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def int8_engine() -> str:
@@ -185,7 +198,7 @@ def kernel_fault(kernel: type[Int8Weights] | type[Int4Weights] | type[KleidiAIIn
 class WeightSlice:
     """The outputs ``start:stop`` of a matrix fused from several projections of one input."""
 
-    def __init__(self, fused: Int8Weights | Int4Weights | KleidiAIInt4Weights, start: int, stop: int) -> None:
+    def __init__(self, fused: LinearWeights, start: int, stop: int) -> None:
         self.fused, self.start, self.stop = fused, start, stop
         self.in_features, self.out_features = fused.in_features, stop - start
 
@@ -199,10 +212,11 @@ class WeightSlice:
         return self.fused(x)[..., self.start : self.stop]
 
 
-class QuantizedLinear(torch.nn.Module):
-    """An `nn.Linear` replacement over quantized weights; the package's modules call it as before."""
+class PreparedLinear(torch.nn.Module):
+    """An `nn.Linear` replacement over weights prepared for a kernel (quantized here, or float in
+    oneDNN's layout: `packed_weights.py`); the package's modules call it as before."""
 
-    def __init__(self, weights: Int8Weights | Int4Weights | KleidiAIInt4Weights | WeightSlice) -> None:
+    def __init__(self, weights: LinearWeights) -> None:
         super().__init__()
         self.weights = weights
         self.in_features, self.out_features = weights.in_features, weights.out_features
@@ -211,11 +225,11 @@ class QuantizedLinear(torch.nn.Module):
         return self.weights(x)
 
 
-def quantized_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the quantized matrices under ``module`` (a fused matrix counts once)."""
+def prepared_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the prepared matrices under ``module`` (a fused matrix counts once)."""
     matrices = {}
     for child in module.modules():
-        if isinstance(child, QuantizedLinear):
+        if isinstance(child, PreparedLinear):
             weights = child.weights.fused if isinstance(child.weights, WeightSlice) else child.weights
             matrices[id(weights)] = weights.nbytes
     return sum(matrices.values())
@@ -279,16 +293,16 @@ class FloatLinear:
 
 
 def linear_of(module: torch.nn.Module) -> Linear:
-    """A linear layer as a plain callable ``x -> y``: the quantized kernel, or `FloatLinear` on its weights."""
-    if isinstance(module, QuantizedLinear):
+    """A linear layer as a plain callable ``x -> y``: its prepared weights, or `FloatLinear` on its weights."""
+    if isinstance(module, PreparedLinear):
         return module.weights
     return FloatLinear(module.weight, module.bias)
 
 
 def projections_of(modules: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """Several linear layers of one input as one callable x -> (y1, y2, ...): one call when they
-    were quantized into one matrix, else one call each (float weights stay as the package has them)."""
-    parts = [module.weights if isinstance(module, QuantizedLinear) else None for module in modules]
+    were prepared as one matrix, else one call each (float weights as the package has them)."""
+    parts = [module.weights if isinstance(module, PreparedLinear) else None for module in modules]
     if all(isinstance(p, WeightSlice) for p in parts) and len({id(p.fused) for p in parts}) == 1:
         fused, sizes = parts[0].fused, [p.out_features for p in parts]
         if [p.start for p in parts] == [sum(sizes[:i]) for i in range(len(sizes))]:
