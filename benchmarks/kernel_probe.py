@@ -32,7 +32,7 @@ COPIES = 8  # 8 x 12 MB of float32 weights: more than the cache holds
 
 
 def timed(fn, calls: int) -> float:
-    for _ in range(5):
+    for _ in range(2 * COPIES):  # every copy twice: a first call may set things up
         fn()
     started = time.perf_counter()
     for _ in range(calls):

@@ -15,6 +15,7 @@ Prints the tables and writes a section of BENCHMARKS.md. The kernels are named i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -39,7 +40,9 @@ CALLS_PER_LAYER = 6  # recorded inputs per layer (the predictor's layers run 15 
 
 
 def load(checkpoint: Path, mode: str):
-    return load_model(checkpoint, resolve_placement(LoadOptions(device="cpu", quantize=mode, threads=2)))
+    placement = resolve_placement(LoadOptions(device="cpu", quantize=mode, threads=2))
+    # The float reference is the package's own layers (on an AVX-512 CPU the server would pack them).
+    return load_model(checkpoint, dataclasses.replace(placement, packed_float_weights=False))
 
 
 def recorded_inputs(wrapper) -> dict[str, tuple[torch.nn.Linear, list[torch.Tensor]]]:
