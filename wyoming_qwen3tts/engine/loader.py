@@ -306,5 +306,5 @@ def load_model(folder: Path, placement: Placement, text_embedding_on_cpu: bool =
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes of weights: parameters, and the quantized weights that replaced some of them."""
+    """Bytes of weights: parameters, and the prepared (quantized or packed) weights that replaced some of them."""
     return prepared_bytes(module) + sum(p.numel() * p.element_size() for p in module.parameters())
