@@ -145,25 +145,32 @@ def replace_talker_linears(model: torch.nn.Module, prepare: PrepareWeights) -> t
     over ``prepare(weight, bias)`` (None: the layer stays), in place; a layer's q, k and v, and its
     gate and up, as one matrix each. Returns the layers replaced, their float bytes and their new bytes."""
     layers = float_bytes = new_bytes = 0
+    # Parents and names only: a list of every module would keep each replaced layer's float
+    # weights alive until the end, beside their replacements.
+    fused_parents = [
+        (parent, names)
+        for module in model.talker.modules()
+        for attribute, names in FUSED
+        if (parent := getattr(module, attribute, None)) is not None
+    ]
     with torch.no_grad():
-        for module in list(model.talker.modules()):
-            for attribute, names in FUSED:
-                parent = getattr(module, attribute, None)
-                if parent is not None and (sizes := _fuse(parent, names, prepare)) is not None:
-                    layers += len(names)
-                    float_bytes += sizes[0]
-                    new_bytes += sizes[1]
-        for parent in list(model.talker.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is not torch.nn.Linear:
-                    continue
-                weights = prepare(child.weight, child.bias)
-                if weights is None:
-                    continue
-                setattr(parent, name, PreparedLinear(weights))
-                layers += 1
-                float_bytes += child.weight.numel() * child.weight.element_size()
-                new_bytes += weights.nbytes
+        for parent, names in fused_parents:
+            if (sizes := _fuse(parent, names, prepare)) is not None:
+                layers += len(names)
+                float_bytes += sizes[0]
+                new_bytes += sizes[1]
+        linear_parents = [
+            (parent, name) for parent in model.talker.modules() for name, child in parent.named_children() if type(child) is torch.nn.Linear
+        ]
+        for parent, name in linear_parents:
+            child = getattr(parent, name)
+            weights = prepare(child.weight, child.bias)
+            if weights is None:
+                continue
+            setattr(parent, name, PreparedLinear(weights))
+            layers += 1
+            float_bytes += child.weight.numel() * child.weight.element_size()
+            new_bytes += weights.nbytes
     release_free_memory()  # the float weights just replaced: gigabytes the allocator would keep
     return layers, float_bytes, new_bytes
 
