@@ -6,7 +6,9 @@ AVX-512) VM, one thread, a 1024x3072 float32 layer (BENCHMARKS.md, "packed float
 4 rows in the packed layout took 590-630 us, where one row through the package's product (MKL)
 took 690-770 and 4 rows through oneDNN with plain weights 1030-1050; 8 rows 850-890 against
 1270-1380; a 40-row prompt 2450-2550 against 3000-3250. bfloat16 gains more (oneDNN's bfloat16
-reorder is the costlier one): a whole frame step of one stream took 0.55x the time.
+reorder is the costlier one): a whole frame step of one stream took 0.55x the time. The packed
+matrices replace the float ones; but a model loaded as stored (bfloat16 from a bfloat16 file)
+read its weights from the file's pages, and its packed copies are the process's own memory.
 
 Below 4 rows oneDNN takes other kernels for this layout, slower than the package's product and
 rounding differently, so a call of 1 to 3 rows is padded with zero rows to 4. From 4 rows on, a

@@ -261,7 +261,8 @@ WIDEN_FROM_ROWS = 8
 
 
 class FloatLinear:
-    """Float weights as the package holds them (nothing is copied).
+    """Float weights as the package holds them (nothing is copied): on CPUs without AVX-512, on a
+    GPU, with `--compile`, and for small layers (on AVX-512 CPUs the rest is `packed_weights.py`'s).
 
     One stream's rows go through `F.linear`, the package's own kernel, so a stream alone gets the
     package's very numbers. Rows of several streams (a batch: more than one along the first
