@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from report import write_report
 
 from wyoming_qwen3tts.engine.generate import FrameGenerator
-from wyoming_qwen3tts.engine.kv_cache import GrowingKVCache
 from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import LoadOptions
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
@@ -90,7 +89,7 @@ def layer_snrs(recorded, mode: str) -> dict[str, float]:
 
 def predictor_logits(loop, hidden: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
     """Logits [15, vocab] of codebooks 1-15 with ``frame``'s own codes fed back (teacher forcing)."""
-    cache = GrowingKVCache(len(loop.stack.layers))
+    cache = loop.new_cache(1)
     embeds = torch.cat((hidden, F.embedding(frame[0:1], loop.code0_table).unsqueeze(1)), dim=1)
     logits = []
     for step in range(loop.steps):

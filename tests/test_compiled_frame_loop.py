@@ -17,7 +17,7 @@ from wyoming_qwen3tts.engine import predictor as predictor_module
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
 from wyoming_qwen3tts.engine.kv_cache import StaticKVCache
-from wyoming_qwen3tts.engine.layers import DecoderStack
+from wyoming_qwen3tts.engine.layers import DecoderStack, signed_sin
 from wyoming_qwen3tts.engine.loader import LoadOptions
 from wyoming_qwen3tts.engine.options import EngineOptions
 from wyoming_qwen3tts.engine.prompt import PresetSpeaker, build_prompt
@@ -55,14 +55,15 @@ def test_plain_layers_equal_the_package_layers_bit_for_bit(custom_voice_model):
     hidden = torch.randn(1, 3, config.hidden_size)
     positions = torch.arange(3).unsqueeze(0)
     cos, sin = predictor.model.rotary_emb(hidden, positions)
+    signed = signed_sin(sin)
 
     def cache():
         return StaticKVCache(config.num_hidden_layers, config.num_key_value_heads, stack.head_dim, 8, hidden.dtype, "cpu")
 
     with torch.inference_mode():
         ours_cache = cache()
-        ours = stack.forward(hidden[:, :2], cos[:, None, :2], sin[:, None, :2], ours_cache)
-        ours_next = stack.forward(hidden[:, 2:], cos[:, None, 2:], sin[:, None, 2:], ours_cache)
+        ours = stack.forward(hidden[:, :2], cos[:, None, :2], signed[:, None, :2], ours_cache)
+        ours_next = stack.forward(hidden[:, 2:], cos[:, None, 2:], signed[:, None, 2:], ours_cache)
 
         theirs_cache = cache()
         outputs = []

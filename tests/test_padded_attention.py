@@ -18,7 +18,7 @@ from helpers import CodeRecorder
 from wyoming_qwen3tts.dev.operator_count import OperatorCount
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
-from wyoming_qwen3tts.engine.kv_cache import GrowingKVCache, KVSlots, PaddedRows, RowCaches, StaticKVCache
+from wyoming_qwen3tts.engine.kv_cache import KVSlots, PaddedRows, RowCaches, StaticKVCache, attention
 from wyoming_qwen3tts.engine.options import EngineOptions, StopRules
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.speech import JobCancelled, PresetSpeaker, RequestOptions, SamplingOptions
@@ -49,6 +49,26 @@ def one_step(batch, rows: int, seed: int) -> list[torch.Tensor]:
         out.append(batch.attend(layer, q, k, v, SCALE))
     batch.advance(1)
     return out
+
+
+class ConcatenatedKVCache:
+    """A reference cache that holds exactly the positions written, nothing more."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * LAYERS
+        self.values: list[torch.Tensor | None] = [None] * LAYERS
+
+    def update(self, keys, values, layer):
+        if self.keys[layer] is not None:
+            keys, values = torch.cat((self.keys[layer], keys), dim=2), torch.cat((self.values[layer], values), dim=2)
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+    def attend(self, layer, q, k, v, scaling):
+        return attention(q, *self.update(k, v, layer), scaling)
+
+    def advance(self, steps: int) -> None:
+        pass
 
 
 def row_caches(lengths: list[int]) -> list[StaticKVCache]:
@@ -100,7 +120,7 @@ def test_a_row_cache_reads_only_the_positions_written_into_it():
     cache = StaticKVCache(LAYERS, KV_HEADS, HEAD_DIM, 4, torch.float32, "cpu")
     cache.keys.fill_(float("nan"))
     cache.values.fill_(float("nan"))
-    written = GrowingKVCache(LAYERS)  # holds exactly the positions written, nothing more
+    written = ConcatenatedKVCache()
     filled(cache, 3, seed=0)
     filled(written, 3, seed=0)
     for step in range(4):

@@ -20,7 +20,7 @@ import torch
 
 from .cuda_graphs import CudaGraphRecorder
 from .kv_cache import KVSlots, PaddedRows, RowCaches, SlotKVCache, StaticKVCache
-from .layers import DecoderStack
+from .layers import DecoderStack, signed_sin
 from .options import MIN_FRAMES
 from .predictor import CodePredictorLoop, PredictorSampling
 from .prompt import TalkerPrompt
@@ -116,11 +116,11 @@ class FrameGenerator:
         self.predictor.warm_up(PredictorSampling.of(sampling), max_rows)
 
     def _talker_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables [B, 1, n, head_dim] for ``positions`` [B, n]."""
+        """Rotary tables [B, 1, n, head_dim] for ``positions`` [B, n], as `DecoderStack.forward` takes them."""
         cos, sin = self.talker.model.rotary_emb(self._probe, positions.unsqueeze(0).expand(3, -1, -1))
         # Speech has one position stream: the three multimodal sections hold the same angles, so
         # the package's section merge yields the first stream's table unchanged.
-        return cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+        return cos[0].unsqueeze(1), signed_sin(sin[0].unsqueeze(1))
 
     def _choose_code0(self, rows: list[GenerationState], logits: torch.Tensor) -> None:
         """Codebook 0 of each row's next frame from the talker's logits [B, vocab] (float32).

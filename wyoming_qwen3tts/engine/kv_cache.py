@@ -1,8 +1,8 @@
 """Key/value caches for our decoder layers; each cache also decides how its rows attend.
 
-* `StaticKVCache`: one utterance's talker history, preallocated and grown rarely.
-* `GrowingKVCache`: the code predictor's 16 positions of one frame, for any number of rows
-  (every row of a batch is at the same position, so one attention call serves them all).
+* `StaticKVCache`: one utterance's talker history, preallocated and grown rarely; or the code
+  predictor's 16 positions of one frame, for any number of rows (every row of a batch is at the
+  same position, so one attention call serves them all).
 * `RowCaches`: a batch of talker rows, each over its own `StaticKVCache` of its own length.
   The linear layers see the whole batch at once (one read of the weights); attention runs row by
   row over each row's own keys. On a CPU that costs a few microseconds per row and layer, less
@@ -48,15 +48,18 @@ class _SharedHistory:
 
 
 class StaticKVCache(_SharedHistory):
-    """Preallocated keys and values for a stack of decoder layers, batch of one.
+    """Preallocated keys and values for a stack of decoder layers: one utterance's talker
+    history, or the code predictor's positions of one frame for a batch of ``rows`` (all at the
+    same position, so that one attention call serves them all).
 
     `update()` writes the step's keys and values in place and returns views of all positions so
     far, the way a transformers `Cache` does (the package's own layers accept it too). Nothing is
-    allocated per step unless the capacity must grow.
+    allocated per step unless the capacity must grow. Each step's shapes are fixed by its
+    position, so a compiled frame loop sees static shapes.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
-        shape = (layers, 1, kv_heads, max(capacity, 1), head_dim)
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device, rows: int = 1) -> None:
+        shape = (layers, rows, kv_heads, max(capacity, 1), head_dim)
         # Uninitialised: only positions written are ever read. Zeroing a real-size talker's cache
         # (127 MB for a sentence) took 12 ms of every prefill, and touched pages never used.
         self.keys = torch.empty(shape, dtype=dtype, device=device)
@@ -101,28 +104,6 @@ class StaticKVCache(_SharedHistory):
 
     def release(self) -> None:
         """Nothing to give back: the memory goes with the cache."""
-
-
-class GrowingKVCache(_SharedHistory):
-    """Keys and values that grow by concatenation: for the code predictor's 16 positions.
-
-    Each step's shapes are fixed by its index, so a compiled frame loop sees static shapes.
-    """
-
-    def __init__(self, layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * layers
-        self.values: list[torch.Tensor | None] = [None] * layers
-        self.length = 0
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int):
-        if self.keys[layer] is not None:
-            keys = torch.cat((self.keys[layer], keys), dim=2)
-            values = torch.cat((self.values[layer], values), dim=2)
-        self.keys[layer], self.values[layer] = keys, values
-        return keys, values
-
-    def advance(self, steps: int) -> None:
-        self.length += steps
 
 
 class RowCaches:

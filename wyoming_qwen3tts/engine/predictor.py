@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .cuda_graphs import CudaGraphRecorder
-from .kv_cache import GrowingKVCache
-from .layers import DecoderStack
+from .kv_cache import StaticKVCache
+from .layers import DecoderStack, signed_sin
 from .quantized_linear import linear_of
 from .sampling import ExponentialNoise, SamplingOptions, choose_with_noise, noise_width
 
@@ -66,6 +66,7 @@ class CodePredictorLoop:
     ) -> None:
         """``recorder``: records the loop per batch size (`cuda_graphs.py`; used when not compiling)."""
         self.stack = DecoderStack.of(predictor.model, predictor.config)
+        self.kv_heads = predictor.config.num_key_value_heads
         self.project = predictor.small_to_mtp_projection
         self.code0_table = code0_embedding.weight
         self.tables = tuple(embedding.weight for embedding in predictor.model.codec_embedding)
@@ -76,7 +77,7 @@ class CodePredictorLoop:
         positions = torch.arange(groups, device=self.device).unsqueeze(0)
         # Positions restart at 0 every frame: one rotary table serves all frames.
         cos, sin = predictor.model.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
-        self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        self.cos, self.sin = cos.unsqueeze(1), signed_sin(sin.unsqueeze(1))
         self.compile = compile
         # One graph per (sampling, draws per choice): a seeded row draws for every code, others for the top-k.
         self._compiled: dict[tuple[PredictorSampling, int], object] = {}
@@ -266,7 +267,7 @@ class CodePredictorLoop:
     ) -> torch.Tensor:
         """The 15 steps for B rows. ``sampling`` is one for all rows (with ``noise`` [B, 15, width]
         or None), or one per row (with ``noise`` a list of [15, width] or None)."""
-        cache = GrowingKVCache(len(self.stack.layers))
+        cache = self.new_cache(last_hidden.shape[0])
         embeds = torch.cat((last_hidden, F.embedding(code0, self.code0_table).unsqueeze(1)), dim=1)
         codes = []
         for step in range(self.steps):
@@ -278,6 +279,16 @@ class CodePredictorLoop:
             logits = self.heads[step](hidden[:, -1]).float()
             codes.append(self._choose(logits, noise, step, sampling))
         return torch.stack(codes, dim=1)
+
+    def new_cache(self, rows: int) -> StaticKVCache:
+        """Keys and values of one frame's positions (codebook 0's two, then one per step) for ``rows``.
+
+        Made at once and written step by step: growing them by concatenation copied every
+        position again at every step.
+        """
+        return StaticKVCache(
+            len(self.stack.layers), self.kv_heads, self.stack.head_dim, self.steps + 1, self.dtype, self.device, rows=rows
+        )
 
     @staticmethod
     def _choose(logits, noise, step: int, sampling) -> torch.Tensor:

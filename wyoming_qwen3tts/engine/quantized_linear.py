@@ -300,13 +300,32 @@ def linear_of(module: torch.nn.Module) -> Linear:
     return FloatLinear(module.weight, module.bias)
 
 
-def projections_of(modules: Sequence[torch.nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+def projections_of(
+    modules: Sequence[torch.nn.Module], parts: Sequence[int] | None = None
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """Several linear layers of one input as one callable x -> (y1, y2, ...): one call when they
-    were prepared as one matrix, else one call each (float weights as the package has them)."""
-    parts = [module.weights if isinstance(module, PreparedLinear) else None for module in modules]
-    if all(isinstance(p, WeightSlice) for p in parts) and len({id(p.fused) for p in parts}) == 1:
-        fused, sizes = parts[0].fused, [p.out_features for p in parts]
-        if [p.start for p in parts] == [sum(sizes[:i]) for i in range(len(sizes))]:
-            return lambda x: fused(x).split(sizes, dim=-1)
+    were prepared as one matrix, else one call each (float weights as the package has them).
+
+    ``parts``: how many consecutive layers' outputs each result joins side by side (default: one
+    each). A fused matrix's outputs already lie side by side, so joining them costs nothing.
+    """
+    parts = tuple(parts) if parts is not None else (1,) * len(modules)
+    if sum(parts) != len(modules):
+        raise ValueError(f"parts {parts} do not add up to {len(modules)} layers")
+    bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
+    prepared = [module.weights if isinstance(module, PreparedLinear) else None for module in modules]
+    if all(isinstance(p, WeightSlice) for p in prepared) and len({id(p.fused) for p in prepared}) == 1:
+        fused, sizes = prepared[0].fused, [p.out_features for p in prepared]
+        if [p.start for p in prepared] == [sum(sizes[:i]) for i in range(len(sizes))]:
+            joined = [sum(sizes[start:stop]) for start, stop in zip(bounds, bounds[1:])]
+            return lambda x: fused(x).split(joined, dim=-1)
     linears = [linear_of(module) for module in modules]
-    return lambda x: tuple(linear(x) for linear in linears)
+
+    def each(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = [linear(x) for linear in linears]
+        return tuple(
+            outputs[start] if stop - start == 1 else torch.cat(outputs[start:stop], dim=-1)
+            for start, stop in zip(bounds, bounds[1:])
+        )
+
+    return each
