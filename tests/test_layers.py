@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wyoming_qwen3tts.engine.layers import rms_norm
+from wyoming_qwen3tts.engine.quantized_linear import FloatLinear, PreparedLinear, WeightSlice, projections_of
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 
 import_qwen_tts()
@@ -42,3 +43,41 @@ def test_rms_norm_with_a_weight_per_head_gives_each_head_its_package_norm(dtype)
         both = rms_norm(torch.cat((q, k), dim=2), weight, 1e-6)
         assert torch.equal(both[:, :, :16], q_norm(q))
         assert torch.equal(both[:, :, 16:], k_norm(k))
+
+
+def _attention_projections(generator: torch.Generator) -> list[torch.nn.Linear]:
+    layers = [torch.nn.Linear(32, size, bias=False) for size in (48, 16, 16)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+    return layers
+
+
+def test_joined_projections_give_each_group_of_outputs_side_by_side():
+    """Queries and keys come as one tensor: from a fused matrix without a copy, else joined."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, generator=generator)
+    layers = _attention_projections(generator)
+    expected = [layer(x).detach() for layer in layers]
+    with torch.no_grad():
+        qk, v = projections_of(layers, parts=(2, 1))(x)
+        assert torch.equal(qk, torch.cat(expected[:2], dim=-1)) and torch.equal(v, expected[2])
+
+        fused = FloatLinear(torch.cat([layer.weight for layer in layers]), None)
+        parts, start = [], 0
+        for layer in layers:
+            parts.append(PreparedLinear(WeightSlice(fused, start, start + layer.out_features)))
+            start += layer.out_features
+        whole = fused(x)
+        qk, v = projections_of(parts, parts=(2, 1))(x)
+        assert torch.equal(qk, whole[..., :64]) and torch.equal(v, whole[..., 64:])
+        # A view of the fused product, not a copy of its first two parts.
+        assert qk.untyped_storage().nbytes() == whole.untyped_storage().nbytes() > qk.numel() * qk.element_size()
+        q, k, v = projections_of(parts)(x)
+        assert [t.shape[-1] for t in (q, k, v)] == [48, 16, 16]
+
+
+def test_projection_groups_must_cover_every_layer():
+    layers = _attention_projections(torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="do not add up"):
+        projections_of(layers, parts=(1, 1))
