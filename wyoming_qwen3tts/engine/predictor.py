@@ -281,7 +281,8 @@ class CodePredictorLoop:
         return torch.stack(codes, dim=1)
 
     def new_cache(self, rows: int) -> StaticKVCache:
-        """Keys and values of one frame's positions (codebook 0's two, then one per step) for ``rows``.
+        """Keys and values of one frame's positions for ``rows``: the talker's output and codebook
+        0's embedding, then one position per step.
 
         Made at once and written step by step: growing them by concatenation copied every
         position again at every step.
