@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from bench import machine
-from quantize_quality import snr_db
 from report import write_report
 
 from wyoming_qwen3tts.engine import codec_kernels
 from wyoming_qwen3tts.engine.allocator import memory_allocator
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.loader import cpu_computes_bfloat16
+from wyoming_qwen3tts.engine.quantized_linear import snr_db
 from wyoming_qwen3tts.engine.qwen_import import import_qwen_tts
 
 FIRST = (1, 0)  # a stream's first frame, on a new state

@@ -24,7 +24,7 @@ from report import write_report
 
 from wyoming_qwen3tts.engine.int4_weights import INT4_GROUP, Int4Weights, KleidiAIInt4Weights, kleidiai_built
 from wyoming_qwen3tts.engine.packed_weights import PackedFloatWeights
-from wyoming_qwen3tts.engine.quantized_linear import Int8Weights
+from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, snr_db
 
 IN, OUT = 1024, 3072
 ROWS = (1, 2, 4, 8, 40)
@@ -119,9 +119,7 @@ def main() -> int:
                     turn = iter(range(10**9))
                     calls = 40 if rows < 40 else 8
                     cells.append(f"{timed(lambda x=x: layers[next(turn) % COPIES](x), calls * COPIES):.0f}")
-                reference = F.linear(inputs[40], weights[0])
-                noise = (layers[0](inputs[40]).float() - reference).pow(2).sum()
-                snr = float(10 * torch.log10(reference.pow(2).sum() / noise)) if noise > 0 else float("inf")
+                snr = snr_db(F.linear(inputs[40], weights[0]), layers[0](inputs[40]).float())
                 lines.append(f"| {name} | " + " | ".join(cells) + f" | {snr:.1f} |")
             except Exception as err:  # noqa: BLE001 - a kernel this machine lacks
                 lines.append(f"| {name} | not available: {type(err).__name__} |" + " |" * len(ROWS))

@@ -30,7 +30,7 @@ from wyoming_qwen3tts.engine.options import LoadOptions
 from wyoming_qwen3tts.engine.predictor import PredictorSampling
 from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine.quantize import kernel_for
-from wyoming_qwen3tts.engine.quantized_linear import PreparedLinear
+from wyoming_qwen3tts.engine.quantized_linear import PreparedLinear, snr_db
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 
 TEXT = "Good evening, the living room lights are dimmed and the front door is locked."
@@ -64,11 +64,6 @@ def recorded_inputs(wrapper) -> dict[str, tuple[torch.nn.Linear, list[torch.Tens
         for handle in handles:
             handle.remove()
     return recorded
-
-
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    noise = (other.float() - reference.float()).pow(2).sum()
-    return float(10 * torch.log10(reference.float().pow(2).sum() / noise.clamp(min=1e-30)))
 
 
 def layer_snrs(recorded, mode: str) -> dict[str, float]:

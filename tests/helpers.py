@@ -131,12 +131,6 @@ async def greedy_cycle_through_wyoming(engine, text: str = "Good morning.", voic
         engine.close()
 
 
-def snr_db(reference, other) -> float:
-    """Signal to difference in dB of ``other`` against ``reference`` (tensors or arrays)."""
-    reference, other = torch.as_tensor(reference).detach().double(), torch.as_tensor(other).detach().double()
-    return float(10 * torch.log10(reference.pow(2).sum() / (other - reference).pow(2).sum().clamp_min(1e-30)))
-
-
 def loudest_sample(pcm: bytes) -> int:
     """The largest magnitude among 16-bit samples: silence or a broken codec gives next to nothing."""
     return int(np.abs(np.frombuffer(pcm, dtype="<i2").astype(np.int32)).max(initial=0))

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample, snr_db
+from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample
 
 from wyoming_qwen3tts.engine import loader
 from wyoming_qwen3tts.engine.decode import StreamingCodecDecoder
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.loader import load_model, resolve_placement
 from wyoming_qwen3tts.engine.options import EngineOptions, LoadOptions, StopRules
+from wyoming_qwen3tts.engine.quantized_linear import snr_db
 
 
 @pytest.fixture

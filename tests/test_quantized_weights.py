@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample, snr_db
+from helpers import greedy_cycle_through_wyoming, is_one_audio_cycle, loudest_sample
 
 from wyoming_qwen3tts.engine.engine import SpeechEngine
 from wyoming_qwen3tts.engine.generate import FrameGenerator
@@ -19,7 +19,7 @@ from wyoming_qwen3tts.engine.prompt import build_prompt
 from wyoming_qwen3tts.engine import int4_weights
 from wyoming_qwen3tts.engine.quantize import kernel_for, resolve_mode
 from wyoming_qwen3tts.engine.int4_weights import Int4Weights, KleidiAIInt4Weights
-from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, PreparedLinear, kernel_fault
+from wyoming_qwen3tts.engine.quantized_linear import Int8Weights, PreparedLinear, kernel_fault, snr_db
 from wyoming_qwen3tts.engine.sampling import ExponentialNoise
 from wyoming_qwen3tts.speech import PresetSpeaker, SamplingOptions
 

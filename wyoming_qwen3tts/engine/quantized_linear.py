@@ -183,16 +183,20 @@ def kernel_fault(kernel: type[Int8Weights] | type[Int4Weights] | type[KleidiAIIn
         return f"{type(error).__name__}: {error}"
     expected = F.linear(rows[:1], weight, bias)
 
-    def db(signal: torch.Tensor, noise: torch.Tensor) -> float:
-        return float(10 * torch.log10(signal.pow(2).sum() / noise.pow(2).sum().clamp_min(1e-30)))
-
     for what, product in (("one row alone", alone), ("a row among others", among)):
-        quality = db(expected, product - expected) if torch.isfinite(product).all() else -math.inf
+        quality = snr_db(expected, product) if torch.isfinite(product).all() else -math.inf
         if not quality >= kernel.min_snr_db:
             return f"its product of {what} is {quality:.1f} dB from the float product (at least {kernel.min_snr_db:.0f} expected)"
-    if db(expected, alone - among) < 40.0:
+    if snr_db(alone, among) < 40.0:
         return "a row's product changes with the rows beside it"
     return None
+
+
+def snr_db(reference, other) -> float:
+    """Signal to difference in dB of ``other`` against ``reference`` (tensors or arrays); inf where equal."""
+    reference, other = torch.as_tensor(reference).detach().double(), torch.as_tensor(other).detach().double()
+    noise = (other - reference).pow(2).sum()
+    return math.inf if noise == 0 else float(10 * torch.log10(reference.pow(2).sum() / noise))
 
 
 class WeightSlice:
@@ -312,7 +316,7 @@ def projections_of(
     parts = tuple(parts) if parts is not None else (1,) * len(modules)
     if sum(parts) != len(modules):
         raise ValueError(f"parts {parts} do not add up to {len(modules)} layers")
-    bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
+    bounds = [0, *itertools.accumulate(parts)]
     prepared = [module.weights if isinstance(module, PreparedLinear) else None for module in modules]
     if all(isinstance(p, WeightSlice) for p in prepared) and len({id(p.fused) for p in prepared}) == 1:
         fused, sizes = prepared[0].fused, [p.out_features for p in prepared]
