@@ -13,7 +13,9 @@ Measured in one run, on one machine:
   PCM chunk, frames per second and real-time factor; at each concurrency the aggregate frames
   per second of all streams (they share batched steps) against one stream's, each stream's
   real-time factor and first audio (with `--unbatched`, the same again one row per step);
-* the first audio of a request that arrives while three others stream, against an idle server;
+* the first audio of a request that arrives while three others stream, against an idle server,
+  and how long it waited for the model thread's round in flight when it arrived (up to a step,
+  by chance of timing: the ratio less that wait varies less between rounds);
 * memory after loading (RSS, and CUDA memory on a GPU).
 With `--codec-process off,on`, the concurrency rows and the newcomer run once with the codec on
 threads of the server's process and once in a process of its own (`engine/codec_process.py`).
@@ -112,6 +114,39 @@ class ServerThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(10)
+
+
+class PrefillStarts:
+    """When the engine creates a job and when its model thread starts preparing a request: how long a
+    newcomer waited for the model thread's round in flight when it arrived (up to a whole step, by
+    chance of timing)."""
+
+    def __init__(self, engine: SpeechEngine) -> None:
+        self._created: list[float] = []
+        self._prepared: list[float] = []
+        self._lock = threading.Lock()
+        new_job, runtime = engine.worker.new_job, engine.runtimes["custom_voice"]
+        prepare = runtime.prepare
+
+        def recorded_new_job(*args, **kwargs):
+            job = new_job(*args, **kwargs)
+            with self._lock:
+                self._created.append(time.perf_counter())
+            return job
+
+        def recorded_prepare(*args, **kwargs):
+            with self._lock:
+                self._prepared.append(time.perf_counter())
+            return prepare(*args, **kwargs)
+
+        engine.worker.new_job = recorded_new_job
+        runtime.prepare = recorded_prepare
+
+    def last_wait(self) -> float:
+        """Seconds from the newest job's creation to the model thread's first prefill after it."""
+        with self._lock:
+            created = self._created[-1]
+            return min(start for start in self._prepared if start >= created) - created
 
 
 def streams_at_once(port: int, count: int, clients: str) -> BurstResult:
@@ -249,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(runtime.decoder, CodecProcess):
             memory["rss_codec_process_mib"] = rss_mib(runtime.decoder.pid)
         silence_end_of_speech(engine)
+        starts = PrefillStarts(engine)
 
         # Warm up both paths (first calls allocate and load kernels).
         if not args.no_stock and stock is None:
@@ -288,11 +324,17 @@ def main(argv: list[str] | None = None) -> int:
                 burst = max((round_[count] for round_ in rounds), key=lambda b: b.aggregate_frames_per_second)
                 rows.append((where, max_batch, count, burst, round_ratios(rounds, count)))
         engine.worker.max_batch = batched
-        pairs = [(streams_at_once(port, 1, args.clients).streams[0].first_audio, newcomer(port, args.clients)) for _ in range(args.repeats)]
+        pairs = []
+        for _ in range(args.repeats):
+            idle = streams_at_once(port, 1, args.clients).streams[0].first_audio
+            busy = newcomer(port, args.clients)
+            pairs.append((idle, busy, starts.last_wait()))
         newcomers[where] = {
-            "idle": min(idle for idle, _busy in pairs),
-            "busy": min(busy for _idle, busy in pairs),
-            "rounds": sorted(busy / idle for idle, busy in pairs),
+            "idle": min(idle for idle, _busy, _wait in pairs),
+            "busy": min(busy for _idle, busy, _wait in pairs),
+            "rounds": sorted(busy / idle for idle, busy, _wait in pairs),
+            "waits": [wait for _idle, _busy, wait in pairs],
+            "rounds_less_wait": sorted((busy - wait) / idle for idle, busy, wait in pairs),
         }
         # A compile that failed falls back to the uncompiled loop: say what actually ran.
         frames = runtime.frames
@@ -383,7 +425,10 @@ def render(args, device, stock, rows, newcomers, memory, per_frame, compiled_sha
         lines.append(
             f"- first audio of a request arriving while 3 others stream (codec on {where}): {newcomer['busy']:.3f} s, "
             f"idle server {newcomer['idle']:.3f} s (**{newcomer['busy'] / newcomer['idle']:.2f}x**; each round: "
-            f"{', '.join(f'{ratio:.2f}x' for ratio in newcomer['rounds'])})"
+            f"{', '.join(f'{ratio:.2f}x' for ratio in newcomer['rounds'])}); it waited "
+            f"{', '.join(f'{wait * 1000:.0f}' for wait in newcomer['waits'])} ms for the model thread's round in flight when it arrived "
+            f"(by chance, up to a step); less that wait, each round: "
+            f"{', '.join(f'{ratio:.2f}x' for ratio in newcomer['rounds_less_wait'])}"
         )
     one = next((burst for _where, _mb, count, burst, _ratios in rows if count == 1), None)
     if stock is not None and one is not None:
