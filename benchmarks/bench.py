@@ -332,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         newcomers[where] = {
             "idle": min(idle for idle, _busy, _wait in pairs),
             "busy": min(busy for _idle, busy, _wait in pairs),
-            "rounds": sorted(busy / idle for idle, busy, _wait in pairs),
+            # Each in round order: a round's ratio, its wait and its ratio less the wait line up.
+            "rounds": [busy / idle for idle, busy, _wait in pairs],
             "waits": [wait for _idle, _busy, wait in pairs],
-            "rounds_less_wait": sorted((busy - wait) / idle for idle, busy, wait in pairs),
+            "rounds_less_wait": [(busy - wait) / idle for idle, busy, wait in pairs],
         }
         # A compile that failed falls back to the uncompiled loop: say what actually ran.
         frames = runtime.frames
