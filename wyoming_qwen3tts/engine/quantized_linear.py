@@ -319,9 +319,10 @@ def projections_of(
     bounds = [0, *itertools.accumulate(parts)]
     prepared = [module.weights if isinstance(module, PreparedLinear) else None for module in modules]
     if all(isinstance(p, WeightSlice) for p in prepared) and len({id(p.fused) for p in prepared}) == 1:
-        fused, sizes = prepared[0].fused, [p.out_features for p in prepared]
-        if [p.start for p in prepared] == [sum(sizes[:i]) for i in range(len(sizes))]:
-            joined = [sum(sizes[start:stop]) for start, stop in zip(bounds, bounds[1:])]
+        fused = prepared[0].fused
+        offsets = list(itertools.accumulate((p.out_features for p in prepared), initial=0))
+        if [p.start for p in prepared] == offsets[:-1]:
+            joined = [offsets[stop] - offsets[start] for start, stop in zip(bounds, bounds[1:])]
             return lambda x: fused(x).split(joined, dim=-1)
     linears = [linear_of(module) for module in modules]
 
